@@ -1,0 +1,1 @@
+"""Integrations of pagedattn with model libraries (installed as ``pagedattn.integrations``)."""

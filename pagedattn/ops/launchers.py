@@ -1,0 +1,179 @@
+"""Launchers for the Triton kernels: choose tile shapes and grids, then launch.
+
+The caller (:mod:`pagedattn.ops.registry`) has already checked every argument; these functions
+only translate tensors into pointers, strides and compile-time constants.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedattn.ops.triton_cache import copy_blocks_kernel, reshape_and_cache_kernel
+from pagedattn.ops.triton_decode import merge_splits_kernel, paged_decode_kernel
+
+TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+#: Tuning knobs for the decode kernel; the benchmarks overwrite them to sweep.
+DECODE_TUNING = {
+    "target_waves": 8,            # aim for this many programs per multiprocessor when splitting
+    "min_tokens_per_split": 512,  # never split a context finer than this
+    "num_warps": 4,
+    "num_stages": 3,
+    "tile_n": None,               # None: chosen from head size and dtype
+}
+
+
+@functools.lru_cache(maxsize=None)
+def num_multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_tile_n(block_d: int, dtype: torch.dtype) -> int:
+    if DECODE_TUNING["tile_n"]:
+        return DECODE_TUNING["tile_n"]
+    tile = 64 if block_d <= 128 else 32
+    return tile // 2 if dtype == torch.float32 else tile
+
+
+def dot_in_float32(x: torch.Tensor) -> bool:
+    """Run a kernel's matrix products in exact float32: for float32 inputs, and for bfloat16 under
+    the Triton interpreter on the CPU, whose bfloat16 ``tl.dot`` returns garbage (Triton 3.6)."""
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu")
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Split the context across programs when there are too few (sequence, KV head) pairs."""
+    if device.type != "cuda":
+        return 1
+    programs = num_seqs * num_kv_heads
+    target = DECODE_TUNING["target_waves"] * num_multiprocessors(device.index or 0)
+    if programs >= target:
+        return 1
+    by_length = max(1, max_seq_len // DECODE_TUNING["min_tokens_per_split"])
+    return max(1, min(triton.cdiv(target, programs), by_length, 256))
+
+
+def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, sliding_window: int,
+                 softcap: float, alibi_slopes: Optional[torch.Tensor], lse: Optional[torch.Tensor],
+                 max_seq_len: int, num_splits: int) -> None:
+    num_seqs, num_heads, head_size = query.shape
+    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
+    if num_seqs == 0:
+        return
+    group_size = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_size)
+    block_m = max(16, triton.next_power_of_2(group_size))
+    tile_n = decode_tile_n(block_d, query.dtype)
+    capacity = block_tables.shape[1] * block_size
+    max_len = min(max_seq_len, capacity) if max_seq_len > 0 else capacity
+    if num_splits <= 0:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_len, query.device)
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), tile_n) * tile_n
+    num_splits = max(1, min(num_splits, triton.cdiv(max(max_len, 1), tokens_per_split)))
+
+    if num_splits > 1:
+        part_out = torch.empty((num_seqs, num_heads, num_splits, block_d), dtype=torch.float32, device=query.device)
+        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
+    else:
+        part_out = part_lse = out  # unused
+    lse_arg = lse if lse is not None else out
+    lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    alibi_arg = alibi_slopes if alibi_slopes is not None else out
+    extra = {} if query.device.type != "cuda" else {
+        "num_warps": DECODE_TUNING["num_warps"], "num_stages": DECODE_TUNING["num_stages"]}
+
+    paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, *query.stride(),
+        key_cache, *key_cache.stride(),
+        value_cache, *value_cache.stride(),
+        block_tables, *block_tables.stride(),
+        seq_lens,
+        alibi_arg,
+        out, *out.stride(),
+        lse_arg, *lse_strides,
+        part_out, part_lse,
+        scale, softcap,
+        num_blocks, block_tables.shape[1], block_size.bit_length() - 1, group_size, head_size,
+        sliding_window, tokens_per_split,
+        BLOCK_M=block_m, BLOCK_D=block_d, TILE_N=tile_n, NUM_SPLITS=num_splits,
+        USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
+        WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
+        **extra,
+    )
+    if num_splits > 1:
+        merge_splits_kernel[(num_seqs, num_heads)](
+            part_out, part_lse,
+            out, *out.stride(),
+            lse_arg, *lse_strides,
+            head_size,
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            WRITE_LSE=lse is not None,
+        )
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_tokens, num_kv_heads, head_size = key.shape
+    if num_tokens == 0:
+        return
+    num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
+    block_h = triton.next_power_of_2(num_kv_heads)
+    block_d = triton.next_power_of_2(head_size)
+    extra = {} if key.device.type != "cuda" else {"num_warps": 4 if block_h * block_d <= 4096 else 8}
+    reshape_and_cache_kernel[(num_tokens,)](
+        key, *key.stride(),
+        value, *value.stride(),
+        key_cache, *key_cache.stride(),
+        value_cache, *value_cache.stride(),
+        slot_mapping,
+        num_blocks * block_size, block_size.bit_length() - 1, num_kv_heads, head_size,
+        BLOCK_H=block_h, BLOCK_D=block_d,
+        **extra,
+    )
+
+
+COPY_CHUNK = 2048
+_POINTER_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def _cache_pointer_table(caches: list[torch.Tensor]) -> torch.Tensor:
+    """A device tensor of the caches' data pointers, built once per set of caches.
+
+    Reusing it keeps ``copy_blocks`` free of host-to-device uploads after the first call, so a
+    call can be captured in a CUDA graph once the same caches were used outside capture.
+    """
+    key = (caches[0].device, tuple(c.data_ptr() for c in caches))
+    table = _POINTER_TABLES.get(key)
+    if table is None:
+        if caches[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("copy_blocks: call it once with these caches before capturing it in a CUDA graph "
+                               "(its table of cache pointers must be uploaded outside capture)")
+        if len(_POINTER_TABLES) >= 64:
+            _POINTER_TABLES.pop(next(iter(_POINTER_TABLES)))
+        table = torch.tensor(key[1], dtype=torch.int64, device=caches[0].device)
+        _POINTER_TABLES[key] = table
+    return table
+
+
+def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor],
+                block_mapping: torch.Tensor) -> None:
+    caches = list(key_caches) + list(value_caches)
+    num_pairs = block_mapping.shape[0]
+    if num_pairs == 0 or not caches:
+        return
+    first = caches[0]
+    block_numel = first[0].numel()
+    cache_ptrs = _cache_pointer_table(caches)
+    extra = {} if first.device.type != "cuda" else {"num_warps": 4}
+    copy_blocks_kernel[(num_pairs, len(caches), triton.cdiv(block_numel, COPY_CHUNK))](
+        cache_ptrs, block_mapping, *block_mapping.stride(),
+        first.shape[0], block_numel,
+        DTYPE=TORCH_TO_TL[first.dtype], CHUNK=COPY_CHUNK,
+        **extra,
+    )

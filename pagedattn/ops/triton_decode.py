@@ -1,0 +1,167 @@
+"""Triton kernels for paged decode attention: one query token per sequence.
+
+One program handles one (sequence, KV head, context split): all the query heads that share the
+KV head (a GQA group, padded to at least 16 rows so that the two products run on the tensor
+cores) against ``TILE_N`` context tokens at a time. Each tile gathers its tokens through the
+block table, so any power-of-two block size from 1 to 256 is served by the same code. Long
+contexts with few sequences are split across programs (flash-decoding); the splits write
+normalized partial outputs and their log-sum-exp, and a second kernel merges them.
+
+Masking, not trust: lengths are clamped to the block table's capacity, block ids outside the
+pool and tokens past the length are never loaded, and a query that sees no token gets a zero
+output and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp, safe at both ends: exp overflowing to inf gives 1, underflowing gives -1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit(do_not_specialize=["num_blocks", "max_blocks_per_seq", "log2_block_size", "group_size",
+                                "sliding_window", "tokens_per_split", "head_size"])
+def paged_decode_kernel(
+    q_ptr, stride_qs, stride_qh, stride_qd,
+    k_cache_ptr, stride_kb, stride_kt, stride_kh, stride_kd,
+    v_cache_ptr, stride_vb, stride_vt, stride_vh, stride_vd,
+    block_tables_ptr, stride_bts, stride_btb,
+    seq_lens_ptr,
+    alibi_slopes_ptr,
+    out_ptr, stride_os, stride_oh, stride_od,
+    lse_ptr, stride_ls, stride_lh,
+    part_out_ptr, part_lse_ptr,
+    scale, softcap,
+    num_blocks, max_blocks_per_seq, log2_block_size, group_size, head_size,
+    sliding_window, tokens_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    block_size = 1 << log2_block_size
+    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.minimum(tl.maximum(seq_len, 0), max_blocks_per_seq * block_size)
+
+    start = split * tokens_per_split
+    end = tl.minimum(seq_len, start + tokens_per_split)
+    if split == NUM_SPLITS - 1:
+        end = seq_len  # the last split takes whatever is left: nothing is dropped
+    window_start = 0
+    if USE_WINDOW:
+        window_start = tl.maximum(seq_len - sliding_window, 0)
+        start = tl.maximum(start, (window_start // TILE_N) * TILE_N)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, TILE_N)
+    heads = kv_head * group_size + offs_m
+    m_mask = offs_m < group_size
+    d_mask = offs_d < head_size
+
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    if USE_ALIBI:
+        slopes = tl.load(alibi_slopes_ptr + heads, mask=m_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+
+    for tile_start in range(start, end, TILE_N):
+        offs_t = tile_start + offs_n
+        in_seq = offs_t < end
+        block_ids = tl.load(bt_row + (offs_t >> log2_block_size) * stride_btb, mask=in_seq, other=-1)
+        valid = in_seq & (block_ids >= 0) & (block_ids < num_blocks)
+        if USE_WINDOW:
+            valid = valid & (offs_t >= window_start)
+        block_ids = tl.where(valid, block_ids, 0).to(tl.int64)
+        in_block = offs_t & (block_size - 1)
+        kv_mask = valid[:, None] & d_mask[None, :]
+
+        k = tl.load(k_head + block_ids[:, None] * stride_kb + in_block[:, None] * stride_kt
+                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        if USE_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        if USE_ALIBI:
+            s = s + slopes[:, None] * (offs_t - seq_len + 1).to(tl.float32)[None, :]
+        s = tl.where(valid[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+        p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(v_head + block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_any = l_i > 0
+    o = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    lse = tl.where(has_any, m_i + tl.log(tl.where(has_any, l_i, 1.0)), float("-inf"))
+    out_mask = m_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if WRITE_LSE:
+            tl.store(lse_ptr + seq.to(tl.int64) * stride_ls + heads * stride_lh, lse, mask=m_mask)
+    else:
+        # partial buffers are contiguous [num_seqs, num_heads, NUM_SPLITS, BLOCK_D] / [.., NUM_SPLITS]
+        row = (seq.to(tl.int64) * (tl.num_programs(1) * group_size) + heads) * NUM_SPLITS + split
+        tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], o, mask=out_mask)
+        tl.store(part_lse_ptr + row, lse, mask=m_mask)
+
+
+@triton.jit
+def merge_splits_kernel(
+    part_out_ptr, part_lse_ptr,
+    out_ptr, stride_os, stride_oh, stride_od,
+    lse_ptr, stride_ls, stride_lh,
+    head_size,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    """Merge the splits of one (sequence, head): weights exp(lse_s - max) over their sum."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq.to(tl.int64) * tl.num_programs(1) + head
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    lse_s = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse_s, 0)
+    has_any = lse_max > float("-inf")
+    lse_max = tl.where(has_any, lse_max, 0.0)
+    w = tl.exp(lse_s - lse_max)
+    w_sum = tl.sum(w, 0)
+    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
+                    mask=s_mask[:, None] & (offs_d[None, :] < head_size) & (w[:, None] > 0), other=0.0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(has_any, w_sum, 1.0)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=offs_d < head_size)
+    if WRITE_LSE:
+        lse = tl.where(has_any, lse_max + tl.log(tl.where(has_any, w_sum, 1.0)), float("-inf"))
+        tl.store(lse_ptr + seq.to(tl.int64) * stride_ls + head * stride_lh, lse)

@@ -1,0 +1,84 @@
+"""A small subset of every Triton kernel, run on the CPU under the Triton interpreter.
+
+On a GPU machine these run the compiled kernels instead; the wide sweeps live in the GPU tests.
+"""
+
+import pytest
+import torch
+
+from pagedattn.ops import config, copy_blocks, reference, reshape_and_cache
+from tests.ops.problems import make_decode_problem, run_decode_and_check
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    config.set_backend("triton")
+    yield
+    config.set_backend("auto")
+
+
+DECODE_CASES = [
+    # dtype, heads, kv heads, head size, block size, seq_lens, features
+    (torch.float32, 4, 1, 64, 16, [1, 15, 16, 17, 40], {}),
+    (torch.float32, 4, 4, 80, 1, [3, 9], {"num_splits": 2}),
+    (torch.bfloat16, 8, 2, 128, 4, [5, 20, 33], {"sliding_window": 7, "softcap": 5.0}),
+    (torch.float16, 2, 2, 96, 256, [300, 1], {"layout": "NHD"}),
+    (torch.float32, 4, 2, 112, 8, [0, 17, 40], {"num_splits": 3, "sliding_window": 9, "alibi": True}),
+    (torch.float16, 16, 1, 64, 2, [31, 7], {"alibi": True, "repeat_ids": True, "return_lse": False}),
+    (torch.float32, 2, 1, 192, 32, [70, 33], {"softcap": 2.0, "num_splits": 2}),
+    (torch.bfloat16, 2, 2, 256, 64, [65, 1], {"repeat_ids": True}),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-b{c[4]}")
+def test_decode_kernel_matches_reference(case):
+    dtype, heads, kv_heads, head_size, block_size, lens, feats = case
+    feats = dict(feats)
+    g = torch.Generator().manual_seed(hash((heads, head_size, block_size)) % 2**31)
+    problem = make_decode_problem(lens, heads, kv_heads, head_size, block_size, dtype, DEVICE,
+                                  layout=feats.pop("layout", "HND"), repeat_ids=feats.pop("repeat_ids", False),
+                                  alibi=feats.pop("alibi", False), generator=g)
+    run_decode_and_check(problem, dtype, what=str(case), **feats)
+
+
+def test_decode_kernel_masks_bad_values():
+    """Block ids outside the pool are skipped and lengths clamped, exactly as the reference does."""
+    g = torch.Generator().manual_seed(5)
+    p = make_decode_problem([20, 9, 12], 4, 2, 64, 4, torch.float32, DEVICE, generator=g)
+    p.key_cache.nan_to_num_(0.5)
+    p.value_cache.nan_to_num_(0.25)
+    p.block_tables[0, 1] = 10_000
+    p.block_tables[1, 0] = -3
+    p.seq_lens[2] = 1_000_000  # clamped to the table's capacity
+    run_decode_and_check(p, torch.float32, what="bad values")
+
+
+def test_reshape_and_cache_kernel_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    for layout in ("HND", "NHD"):
+        from pagedattn.ops import allocate_kv_cache
+        kc, vc = allocate_kv_cache(6, 4, 2, 64, torch.bfloat16, DEVICE, layout)
+        kc.copy_(torch.randn(kc.shape, generator=g))
+        vc.copy_(torch.randn(vc.shape, generator=g))
+        ref_k, ref_v = kc.clone(), vc.clone()
+        key = torch.randn((9, 2, 64), generator=g).to(DEVICE, torch.bfloat16)
+        value = torch.randn((9, 2, 64), generator=g).to(DEVICE, torch.bfloat16)
+        slots = torch.tensor([0, 5, -1, 23, 7, 10_000, 12, -5, 3], dtype=torch.int64, device=DEVICE)
+        reshape_and_cache(key, value, kc, vc, slots)
+        reference.reshape_and_cache(key, value, ref_k, ref_v, slots)
+        assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v)
+        assert torch.equal(kc.flatten(0, 1)[23], key[3]) and torch.equal(vc.flatten(0, 1)[5], value[1])
+
+
+def test_copy_blocks_kernel_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    caches = [torch.randn((8, 4, 2, 64), generator=g).to(DEVICE) for _ in range(4)]
+    expected = [c.clone() for c in caches]
+    mapping = torch.tensor([[0, 3], [5, 1], [2, 99], [6, 7]], dtype=torch.int64, device=DEVICE)
+    copy_blocks(caches[:2], caches[2:], mapping)
+    reference.copy_blocks(expected[:2], expected[2:], mapping)
+    for got, want in zip(caches, expected):
+        assert torch.equal(got, want)
+    assert torch.equal(caches[0][3], caches[0][0]) and torch.equal(caches[3][7], caches[3][6])
