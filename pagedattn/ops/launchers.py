@@ -101,7 +101,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         scale, softcap,
         num_blocks, block_tables.shape[1], block_size.bit_length() - 1, group_size, head_size,
         sliding_window, tokens_per_split,
-        BLOCK_M=block_m, BLOCK_D=block_d, TILE_N=tile_n, NUM_SPLITS=num_splits,
+        BLOCK_M=block_m, BLOCK_D=block_d, TILE_N=tile_n, SPLIT=num_splits > 1,
         USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
         WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
         **extra,
@@ -111,8 +111,8 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
             part_out, part_lse,
             out, *out.stride(),
             lse_arg, *lse_strides,
-            head_size,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            head_size, num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
             WRITE_LSE=lse is not None,
         )
 

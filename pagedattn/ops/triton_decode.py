@@ -26,7 +26,7 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
-@triton.jit(do_not_specialize=["num_blocks", "max_blocks_per_seq", "log2_block_size", "group_size",
+@triton.jit(do_not_specialize=["stride_bts", "num_blocks", "max_blocks_per_seq", "log2_block_size", "group_size",
                                 "sliding_window", "tokens_per_split", "head_size"])
 def paged_decode_kernel(
     q_ptr, stride_qs, stride_qh, stride_qd,
@@ -42,13 +42,14 @@ def paged_decode_kernel(
     num_blocks, max_blocks_per_seq, log2_block_size, group_size, head_size,
     sliding_window, tokens_per_split,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
     WRITE_LSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
 
     block_size = 1 << log2_block_size
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -56,7 +57,7 @@ def paged_decode_kernel(
 
     start = split * tokens_per_split
     end = tl.minimum(seq_len, start + tokens_per_split)
-    if split == NUM_SPLITS - 1:
+    if split == num_splits - 1:
         end = seq_len  # the last split takes whatever is left: nothing is dropped
     window_start = 0
     if USE_WINDOW:
@@ -124,25 +125,25 @@ def paged_decode_kernel(
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]
     lse = tl.where(has_any, m_i + tl.log(tl.where(has_any, l_i, 1.0)), float("-inf"))
     out_mask = m_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=out_mask)
         if WRITE_LSE:
             tl.store(lse_ptr + seq.to(tl.int64) * stride_ls + heads * stride_lh, lse, mask=m_mask)
     else:
-        # partial buffers are contiguous [num_seqs, num_heads, NUM_SPLITS, BLOCK_D] / [.., NUM_SPLITS]
-        row = (seq.to(tl.int64) * (tl.num_programs(1) * group_size) + heads) * NUM_SPLITS + split
+        # partial buffers are contiguous [num_seqs, num_heads, num_splits, BLOCK_D] / [.., num_splits]
+        row = (seq.to(tl.int64) * (tl.num_programs(1) * group_size) + heads) * num_splits + split
         tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], o, mask=out_mask)
         tl.store(part_lse_ptr + row, lse, mask=m_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["head_size", "num_splits"])
 def merge_splits_kernel(
     part_out_ptr, part_lse_ptr,
     out_ptr, stride_os, stride_oh, stride_od,
     lse_ptr, stride_ls, stride_lh,
-    head_size,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_LSE: tl.constexpr,
+    head_size, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
     """Merge the splits of one (sequence, head): weights exp(lse_s - max) over their sum."""
     seq = tl.program_id(0)
@@ -150,14 +151,14 @@ def merge_splits_kernel(
     row = seq.to(tl.int64) * tl.num_programs(1) + head
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
-    lse_s = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    s_mask = offs_s < num_splits
+    lse_s = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse_s, 0)
     has_any = lse_max > float("-inf")
     lse_max = tl.where(has_any, lse_max, 0.0)
     w = tl.exp(lse_s - lse_max)
     w_sum = tl.sum(w, 0)
-    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
+    parts = tl.load(part_out_ptr + (row * num_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
                     mask=s_mask[:, None] & (offs_d[None, :] < head_size) & (w[:, None] > 0), other=0.0)
     o = tl.sum(parts * w[:, None], 0) / tl.where(has_any, w_sum, 1.0)
     tl.store(out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d * stride_od,

@@ -36,7 +36,7 @@ DECODE_CASES = [
 def test_decode_kernel_matches_reference(case):
     dtype, heads, kv_heads, head_size, block_size, lens, feats = case
     feats = dict(feats)
-    g = torch.Generator().manual_seed(hash((heads, head_size, block_size)) % 2**31)
+    g = torch.Generator().manual_seed(heads * 1000 + head_size * 10 + block_size)
     problem = make_decode_problem(lens, heads, kv_heads, head_size, block_size, dtype, DEVICE,
                                   layout=feats.pop("layout", "HND"), repeat_ids=feats.pop("repeat_ids", False),
                                   alibi=feats.pop("alibi", False), generator=g)

@@ -1,0 +1,133 @@
+"""GPU sweep of paged decode attention against the reference (over 1,000 configurations).
+
+Every configuration uses sequence lengths 1, block_size - 1, block_size, block_size + 1 and a
+maximum, NaN in every cache slot no sequence owns, poisoned outputs and fresh random data.
+"""
+
+import itertools
+import zlib
+
+import pytest
+import torch
+
+from pagedattn.ops import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_SIZES, paged_decode_attention, reference
+from tests.ops.problems import make_decode_problem, run_decode_and_check
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_LAYOUTS = ((4, 4), (8, 2), (4, 1))  # MHA, GQA, MQA (num_heads, num_kv_heads)
+FEATURES = (
+    {},
+    {"sliding_window": 5},
+    {"softcap": 4.0},
+    {"alibi": True},
+    {"return_lse": False},
+    {"num_splits": 3},
+    {"layout": "NHD"},
+    {"repeat_ids": True},
+    {"sliding_window": 19, "softcap": 2.5, "alibi": True, "num_splits": 2},
+)
+
+
+def seq_lens_for(block_size, long=False):
+    lens = sorted({1, max(1, block_size - 1), block_size, block_size + 1})
+    lens.append(3 * block_size + 7 if not long else 700)
+    return lens
+
+
+def sweep():
+    """dtype x head size x block size x head layout, features cycling; then features x dtype x head size."""
+    cases = []
+    for i, (dtype, head, block, heads) in enumerate(itertools.product(DTYPES, SUPPORTED_HEAD_SIZES,
+                                                                       SUPPORTED_BLOCK_SIZES, HEAD_LAYOUTS)):
+        cases.append((dtype, head, block, heads, FEATURES[i % len(FEATURES)], False))
+    for dtype, head, feats, block in itertools.product(DTYPES, SUPPORTED_HEAD_SIZES, FEATURES, (1, 16, 64)):
+        cases.append((dtype, head, block, (8, 2), feats, True))
+    return cases
+
+
+CASES = sweep()
+
+
+def case_id(case):
+    dtype, head, block, (h, kv), feats, long = case
+    tag = "-".join(f"{k}{v}" for k, v in feats.items()) or "plain"
+    return f"{str(dtype)[6:]}-d{head}-b{block}-h{h}kv{kv}-{tag}{'-long' if long else ''}"
+
+
+def test_sweep_has_over_a_thousand_configurations():
+    assert len(CASES) >= 1000
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_decode_matches_reference(case):
+    dtype, head, block, (heads, kv_heads), feats, long = case
+    feats = dict(feats)
+    g = torch.Generator().manual_seed(zlib.crc32(case_id(case).encode()))
+    problem = make_decode_problem(seq_lens_for(block, long), heads, kv_heads, head, block, dtype, "cuda",
+                                  layout=feats.pop("layout", "HND"), repeat_ids=feats.pop("repeat_ids", False),
+                                  alibi=feats.pop("alibi", False), generator=g)
+    run_decode_and_check(problem, dtype, what=case_id(case), **feats)
+
+
+@pytest.mark.parametrize("num_seqs,seq_len", [(1, 32768), (2, 5000), (3, 131072)])
+def test_decode_long_context_auto_split(num_seqs, seq_len):
+    g = torch.Generator().manual_seed(seq_len)
+    problem = make_decode_problem([seq_len - i for i in range(num_seqs)], 32, 8, 128, 16, torch.bfloat16, "cuda",
+                                  generator=g)
+    run_decode_and_check(problem, torch.bfloat16, what=f"long {num_seqs}x{seq_len}")
+
+
+def test_decode_max_seq_len_hint_too_small_still_computes_everything():
+    g = torch.Generator().manual_seed(9)
+    p = make_decode_problem([4000, 300], 8, 2, 128, 16, torch.float16, "cuda", generator=g)
+    out = torch.full_like(p.query, float("nan"))
+    paged_decode_attention(p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, out=out,
+                           max_seq_len=512, num_splits=4)
+    ref = torch.empty(p.query.shape, device="cuda")
+    reference.paged_decode(ref, p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, 128 ** -0.5, 0, 0.0,
+                           None, None)
+    torch.testing.assert_close(out.float(), ref, atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_cuda_graph_replay_with_new_tables_and_lengths(num_splits):
+    """Capture one decode call, then change seq_lens and block_tables in place and replay."""
+    g = torch.Generator().manual_seed(num_splits)
+    p = make_decode_problem([40, 200, 129, 7], 8, 2, 128, 16, torch.bfloat16, "cuda", extra_blocks=40, generator=g)
+    p.key_cache.nan_to_num_(0.0)
+    p.value_cache.nan_to_num_(0.0)
+    p.key_cache.normal_()
+    p.value_cache.normal_()
+    out = torch.empty_like(p.query)
+    lse = torch.empty(p.query.shape[:2], device="cuda")
+
+    def call():
+        paged_decode_attention(p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, out=out, lse=lse,
+                               num_splits=num_splits)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # compile and warm up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for step in range(3):
+        num_blocks = p.key_cache.shape[0]
+        new_tables = torch.randint(0, num_blocks, tuple(p.block_tables.shape), generator=g, dtype=torch.int32)
+        new_lens = torch.randint(1, p.block_tables.shape[1] * 16 + 1, (4,), generator=g, dtype=torch.int32)
+        p.block_tables.copy_(new_tables)
+        p.seq_lens.copy_(new_lens)
+        p.query.normal_()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = torch.empty(p.query.shape, device="cuda")
+        ref_lse = torch.empty(p.query.shape[:2], device="cuda")
+        reference.paged_decode(ref, p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, 128 ** -0.5,
+                               0, 0.0, None, ref_lse)
+        torch.testing.assert_close(out.float(), ref, atol=2.5e-2, rtol=0, msg=f"replay {step}")
+        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
