@@ -1,0 +1,482 @@
+#!/usr/bin/env python
+"""Microbenchmarks of the pagedattn ops on one GPU, against the card's measured limits.
+
+    python bench/bench_ops.py            # full run (< 4 min on an H100), writes bench/results/<card>/ops.json,
+                                         # ops_block_size.png and the headline figures of bench/results/summary.json
+    python bench/bench_ops.py --quick    # shorter timings, no tuning sweep
+    python bench/bench_ops.py --dry-run  # CPU plumbing check: tiny shapes, Triton interpreter, results in a temp dir
+    pytest bench/bench_ops.py --benchmark-only   # pytest-benchmark entries (skipped without CUDA)
+
+Sections (each one fails on its own, its error kept in the JSON): physical limits (copy bandwidth,
+bf16 matmul), decode at the main shape against SDPA on contiguous K/V and gather-then-SDPA with a
+small layout / split / tuning sweep, long contexts, reshape_and_cache, copy_blocks, block sizes.
+Every decode result carries its max abs difference from SDPA; a wrong kernel fails loudly.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and "--dry-run" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton decorates the kernels
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from pagedattn.ops import (DEFAULT_LAYOUT, allocate_kv_cache, copy_blocks, launchers,  # noqa: E402
+                           paged_decode_attention, reshape_and_cache, set_backend)
+
+TOL = 2e-2
+FULL = SimpleNamespace(
+    heads=32, kv_heads=8, head_size=128, dtype=torch.bfloat16, seqs=64, seq_len=4096, block=16,
+    long=[(1, 32768), (4, 32768), (1, 131072), (4, 131072)], rc_tokens=16384,
+    cb_layers=8, cb_blocks=8192, cb_pairs=2048, copy_bytes=2 << 30, mm=8192,
+    block_sizes=[8, 16, 32, 64, 128, 256], warmup=25, rep=100, cpu_reps=0)
+DRY = SimpleNamespace(
+    heads=8, kv_heads=2, head_size=64, dtype=torch.bfloat16, seqs=2, seq_len=128, block=16,
+    long=[(1, 256), (2, 256), (1, 512), (2, 512)], rc_tokens=64,
+    cb_layers=2, cb_blocks=64, cb_pairs=16, copy_bytes=1 << 20, mm=128,
+    block_sizes=[8, 16, 32], warmup=0, rep=0, cpu_reps=2)
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+COPY_BW = [None]  # bytes/s measured by the physical-limits section
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free():
+    sync()
+    gc.collect()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timeit(fn, sh) -> float:
+    """Median milliseconds of ``fn`` (Triton's do_bench, cold L2, on CUDA; a wall clock on the CPU)."""
+    if DEV.type == "cuda":
+        return triton.testing.do_bench(fn, warmup=sh.warmup, rep=sh.rep, return_mode="median")
+    fn()
+    times = []
+    for _ in range(sh.cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def rec(ms: float, nbytes: int, **extra) -> dict:
+    """A timing with its bytes per second and its fraction of the measured copy bandwidth."""
+    bps = nbytes / (ms * 1e-3)
+    frac = bps / COPY_BW[0] if COPY_BW[0] else None
+    return {"ms": ms, "bytes": nbytes, "GBps": bps / 1e9, "copy_bw_fraction": frac, **extra}
+
+
+def fill_caches(k, v, block_size, layout):
+    """Paged caches holding contiguous ``k, v`` [S, kvh, L, D] in randomly permuted (scattered) blocks."""
+    S, kvh, L, D = k.shape
+    nb = L // block_size
+    bt = torch.randperm(S * nb, device=DEV).view(S, nb)
+    kc, vc = allocate_kv_cache(S * nb, block_size, kvh, D, k.dtype, DEV, layout=layout)
+    for cache, src in ((kc, k), (vc, v)):
+        cache[bt] = src.view(S, kvh, nb, block_size, D).permute(0, 2, 3, 1, 4)
+    return kc, vc, bt.to(torch.int32)
+
+
+def make_case(S, L, block_size, layout, sh):
+    assert L % block_size == 0
+    q = torch.randn(S, sh.heads, sh.head_size, dtype=sh.dtype, device=DEV)
+    k = torch.randn(S, sh.kv_heads, L, sh.head_size, dtype=sh.dtype, device=DEV)
+    v = torch.randn_like(k)
+    kc, vc, bt = fill_caches(k, v, block_size, layout)
+    lens = torch.full((S,), L, dtype=torch.int32, device=DEV)
+    kv_bytes = 2 * S * L * sh.kv_heads * sh.head_size * k.element_size()
+    return SimpleNamespace(q=q, k=k, v=v, kc=kc, vc=vc, bt=bt, lens=lens, S=S, L=L, kv_bytes=kv_bytes)
+
+
+def ours_fn(c, kc=None, vc=None, bt=None, num_splits=None):
+    out = torch.empty_like(c.q)
+    kc, vc, bt = (kc if kc is not None else c.kc), (vc if vc is not None else c.vc), (bt if bt is not None else c.bt)
+    return lambda: paged_decode_attention(c.q, kc, vc, bt, c.lens, out=out, num_splits=num_splits, max_seq_len=c.L)
+
+
+def sdpa_ctx(backend):
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION) if backend == "flash" else contextlib.nullcontext()
+
+
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True).squeeze(2)
+
+
+def sdpa_backend(c):
+    """Run SDPA once with flash, else the default backend: (backend name, output [S, H, D])."""
+    try:
+        with sdpa_ctx("flash"):
+            out = sdpa(c.q, c.k, c.v)
+        sync()
+        return "flash", out
+    except Exception as e:  # noqa: BLE001
+        return f"default (flash refused: {type(e).__name__}: {str(e)[:200]})", sdpa(c.q, c.k, c.v)
+
+
+def time_sdpa(c, sh):
+    backend, ref = sdpa_backend(c)
+    with sdpa_ctx(backend):
+        ms = timeit(lambda: sdpa(c.q, c.k, c.v), sh)
+    return rec(ms, c.kv_bytes, backend=backend), ref
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def gather_naive(cache, bt, L):
+    """The usual idiom: index the blocks, then permute/reshape to [S, kvh, L, D] (two passes)."""
+    g = cache[bt.long()]  # [S, nb, bs, kvh, D]
+    return g.permute(0, 3, 1, 2, 4).reshape(bt.shape[0], cache.shape[2], L, cache.shape[3])
+
+
+def gather_onepass(cache, bt, L):
+    """One pass: an index_select of D-element rows; the row indices are computed in the call."""
+    S, (nb_, bs, kvh, D) = bt.shape[0], cache.shape
+    st = cache.stride()
+    t = torch.arange(L, device=cache.device)
+    base = bt.long()[:, t // bs] * st[0] + (t % bs) * st[1]  # [S, L]
+    rows = (base[:, None, :] + torch.arange(kvh, device=cache.device)[None, :, None] * st[2]) // D
+    flat = torch.as_strided(cache, (cache.numel() // D, D), (D, 1))
+    return flat.index_select(0, rows.view(-1)).view(S, kvh, L, D)
+
+
+def effective_splits(S, L, sh, num_splits=None) -> int:
+    """The split count the launcher uses (mirrors launchers.paged_decode)."""
+    n = num_splits or launchers.choose_num_splits(S, sh.kv_heads, L, DEV)
+    tile = launchers.decode_tile_n(triton.next_power_of_2(sh.head_size), sh.dtype)
+    per = triton.cdiv(triton.cdiv(L, n), tile) * tile
+    return max(1, min(n, triton.cdiv(L, per)))
+
+
+def decode_variant(r, name, c, ref, sdpa_ms, sh, kc=None, vc=None, bt=None, num_splits=None, tuning=None):
+    """Time one decode variant (optionally with DECODE_TUNING overrides) and check it against SDPA."""
+    saved = dict(launchers.DECODE_TUNING)
+    try:
+        launchers.DECODE_TUNING.update(tuning or {})
+        fn = ours_fn(c, kc, vc, bt, num_splits)
+        diff = max_diff(fn(), ref)
+        ms = timeit(fn, sh)
+        r[name] = rec(ms, c.kv_bytes, vs_sdpa=ms / sdpa_ms if sdpa_ms else None, max_abs_diff=diff,
+                      ok=diff <= TOL, num_splits=effective_splits(c.S, c.L, sh, num_splits), tuning=tuning or {})
+    except Exception as e:  # noqa: BLE001
+        r[name] = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        launchers.DECODE_TUNING.clear()
+        launchers.DECODE_TUNING.update(saved)
+    return r[name]
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+def sec_physical(r, sh):
+    n = sh.copy_bytes // 2
+    src = torch.randn(n, dtype=torch.bfloat16, device=DEV)
+    dst = torch.empty_like(src)
+    r["copy"] = rec(timeit(lambda: dst.copy_(src), sh), 2 * 2 * n)
+    COPY_BW[0] = r["copy"]["GBps"] * 1e9
+    r["copy"]["copy_bw_fraction"] = 1.0
+    del src, dst
+    m = sh.mm
+    a, b = (torch.randn(m, m, dtype=torch.bfloat16, device=DEV) for _ in range(2))
+    c = torch.empty_like(a)
+    ms = timeit(lambda: torch.matmul(a, b, out=c), sh)
+    r["matmul_bf16"] = {"n": m, "ms": ms, "TFLOPs": 2 * m ** 3 / (ms * 1e-3) / 1e12}
+
+
+def sec_decode(r, sh, quick):
+    c = make_case(sh.seqs, sh.seq_len, sh.block, DEFAULT_LAYOUT, sh)
+    r["shape"] = {"seqs": c.S, "seq_len": c.L, "heads": sh.heads, "kv_heads": sh.kv_heads,
+                  "head_size": sh.head_size, "block_size": sh.block, "dtype": str(sh.dtype),
+                  "default_layout": DEFAULT_LAYOUT, "tuning_defaults": dict(launchers.DECODE_TUNING)}
+    r["cache_matches_contiguous"] = bool(torch.equal(gather_naive(c.kc, c.bt, c.L), c.k))
+    r["sdpa"], ref = time_sdpa(c, sh)
+    sd = r["sdpa"]["ms"]
+    v = r["variants"] = {}
+    main = decode_variant(v, "default", c, ref, sd, sh)
+    r["validation"] = {"max_abs_diff_vs_sdpa": main.get("max_abs_diff"), "tol": TOL, "ok": bool(main.get("ok"))}
+    if not r["validation"]["ok"] or not r["cache_matches_contiguous"]:
+        r["validation"]["FAILED"] = "ours differs from SDPA (or the cache was built wrong): timings are worthless"
+        print("!!! VALIDATION FAILED:", r["validation"], flush=True)
+    backend = r["sdpa"]["backend"]
+    with sdpa_ctx(backend):
+        r["gather_sdpa"] = rec(timeit(lambda: sdpa(c.q, gather_naive(c.kc, c.bt, c.L),
+                                                   gather_naive(c.vc, c.bt, c.L)), sh),
+                               c.kv_bytes, backend=backend, method="cache[block_tables] + permute/reshape")
+        g = gather_onepass(c.kc, c.bt, c.L)
+        r["gather_onepass_ok"] = bool(torch.equal(g, c.k))
+        del g
+        r["gather_onepass_sdpa"] = rec(timeit(lambda: sdpa(c.q, gather_onepass(c.kc, c.bt, c.L),
+                                                           gather_onepass(c.vc, c.bt, c.L)), sh),
+                                       c.kv_bytes, backend=backend, method="index_select of rows (one pass)")
+    for layout in ("HND", "NHD"):
+        kc, vc, bt = (c.kc, c.vc, c.bt) if layout == DEFAULT_LAYOUT else fill_caches(c.k, c.v, sh.block, layout)
+        decode_variant(v, f"layout_{layout}", c, ref, sd, sh, kc, vc, bt)
+        del kc, vc, bt
+        free()
+    for n in (1, 2, 4, 8):
+        decode_variant(v, f"splits_{n}", c, ref, sd, sh, num_splits=n)
+    if not quick:
+        for key, vals in (("num_stages", (2, 4)), ("tile_n", (32, 64, 128)), ("num_warps", (8,))):
+            for val in vals:
+                decode_variant(v, f"{key}_{val}", c, ref, sd, sh, tuning={key: val})
+    if "ms" in main:
+        r["ours_vs_sdpa"] = main["ms"] / sd
+        r["gather_sdpa_vs_ours"] = r["gather_sdpa"]["ms"] / main["ms"]
+        r["gather_onepass_sdpa_vs_ours"] = r["gather_onepass_sdpa"]["ms"] / main["ms"]
+
+
+def sec_long(r, sh):
+    rows = r["rows"] = []
+    for S, L in sh.long:
+        row = {"seqs": S, "seq_len": L}
+        rows.append(row)
+        try:
+            c = make_case(S, L, sh.block, DEFAULT_LAYOUT, sh)
+            sd, ref = time_sdpa(c, sh)
+            row["sdpa"] = sd
+            row.update(decode_variant({}, "x", c, ref, sd["ms"], sh))
+            del c, ref
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"
+        free()
+
+
+def sec_reshape(r, sh):
+    T, kvh, D = sh.rc_tokens, sh.kv_heads, sh.head_size
+    key, value = (torch.randn(T, kvh, D, dtype=sh.dtype, device=DEV) for _ in range(2))
+    num_blocks = triton.cdiv(4 * T, sh.block)
+    slots = torch.randperm(num_blocks * sh.block, device=DEV)[:T]
+    nbytes = 4 * key.numel() * key.element_size() + slots.numel() * slots.element_size()
+    for layout in ("HND", "NHD"):
+        kc, vc = allocate_kv_cache(num_blocks, sh.block, kvh, D, sh.dtype, DEV, layout=layout)
+        fn = lambda: reshape_and_cache(key, value, kc, vc, slots)  # noqa: E731
+        fn()
+        ok = torch.equal(kc.flatten(0, 1)[slots], key) and torch.equal(vc.flatten(0, 1)[slots], value)
+        r[layout] = rec(timeit(fn, sh), nbytes, ok=bool(ok), tokens=T)
+        del kc, vc, fn
+        free()
+    r["default"] = r[DEFAULT_LAYOUT]
+
+
+def sec_copy_blocks(r, sh):
+    kcs, vcs = [], []
+    for _ in range(sh.cb_layers):
+        kc, vc = allocate_kv_cache(sh.cb_blocks, sh.block, sh.kv_heads, sh.head_size, sh.dtype, DEV)
+        kcs.append(kc.normal_())
+        vcs.append(vc.normal_())
+    perm = torch.randperm(sh.cb_blocks, device=DEV)
+    P = sh.cb_pairs
+    mapping = torch.stack([perm[:P], perm[P:2 * P]], dim=1).contiguous()
+    before = vcs[-1][perm[:P]].clone()
+    fn = lambda: copy_blocks(kcs, vcs, mapping)  # noqa: E731
+    fn()
+    ok = bool(torch.equal(vcs[-1][perm[P:2 * P]], before))
+    nbytes = 2 * P * 2 * sh.cb_layers * kcs[0][0].numel() * kcs[0].element_size()
+    r["default"] = rec(timeit(fn, sh), nbytes, ok=ok, pairs=P, layers=sh.cb_layers, blocks=sh.cb_blocks)
+
+
+def sec_block_sizes(r, sh):
+    c = make_case(sh.seqs, sh.seq_len, sh.block, DEFAULT_LAYOUT, sh)
+    r["sdpa"], ref = time_sdpa(c, sh)
+    rows = r["rows"] = []
+    for bs in sh.block_sizes:
+        row = {"block_size": bs}
+        try:
+            kc, vc, bt = (c.kc, c.vc, c.bt) if bs == sh.block else fill_caches(c.k, c.v, bs, DEFAULT_LAYOUT)
+            row.update(decode_variant({}, "x", c, ref, r["sdpa"]["ms"], sh, kc, vc, bt))
+            del kc, vc, bt
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+        free()
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def figures(res) -> dict:
+    """The five headline figures that were measured (decode ones only from a validated kernel)."""
+    out = {}
+    d = res.get("decode", {})
+    if d.get("validation", {}).get("ok") and d.get("cache_matches_contiguous") and "ours_vs_sdpa" in d:
+        out["decode_time_vs_sdpa_contiguous"] = (d["ours_vs_sdpa"], "<= 1.05")
+        out["decode_speedup_vs_gather_sdpa"] = (d["gather_sdpa_vs_ours"], ">= 2.8")
+    rows = res.get("long_ctx", {}).get("rows", [])
+    if rows and all(x.get("ok") and x.get("copy_bw_fraction") for x in rows):
+        out["decode_long_ctx_bw_fraction"] = (min(x["copy_bw_fraction"] for x in rows), ">= 0.75")
+    for sec, name in (("reshape_and_cache", "reshape_and_cache_bw_fraction"), ("copy_blocks", "copy_blocks_bw_fraction")):
+        x = res.get(sec, {}).get("default", {})
+        if x.get("ok") and x.get("copy_bw_fraction"):
+            out[name] = (x["copy_bw_fraction"], ">= 0.7")
+    return out
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(res, figs):
+    p = res.get("physical", {})
+    print(f"\n== {res['card']}  torch {res['torch']}  triton {res['triton']}  ({res['total_seconds']:.0f} s)")
+    print(f"copy {fmt(p.get('copy', {}).get('GBps'), '.0f')} GB/s   bf16 matmul "
+          f"{fmt(p.get('matmul_bf16', {}).get('TFLOPs'), '.0f')} TFLOP/s")
+    d = res.get("decode", {})
+    print(f"decode main: sdpa {fmt(d.get('sdpa', {}).get('ms'))} ms ({d.get('sdpa', {}).get('backend', '?')[:40]}), "
+          f"gather+sdpa {fmt(d.get('gather_sdpa', {}).get('ms'))} ms, one-pass gather+sdpa "
+          f"{fmt(d.get('gather_onepass_sdpa', {}).get('ms'))} ms, validation {d.get('validation')}")
+    print(f"{'variant':<16}{'ms':>9}{'vs sdpa':>9}{'bw frac':>9}{'splits':>7}{'maxdiff':>10}")
+    rows = [(k, x) for k, x in d.get("variants", {}).items()]
+    rows += [(f"long {x['seqs']}x{x['seq_len'] // 1024 or x['seq_len']}{'K' * (x['seq_len'] >= 1024)}", x) for x in res.get("long_ctx", {}).get("rows", [])]
+    rows += [(f"block {x['block_size']}", x) for x in res.get("block_size", {}).get("rows", [])]
+    for k, x in rows:
+        if "error" in x:
+            print(f"{k:<16} ERROR {x['error'][:100]}")
+        else:
+            print(f"{k:<16}{fmt(x['ms']):>9}{fmt(x.get('vs_sdpa')):>9}{fmt(x['copy_bw_fraction']):>9}"
+                  f"{x.get('num_splits', '-'):>7}{fmt(x.get('max_abs_diff'), '.1e'):>10}"
+                  f"{'' if x.get('ok', True) else '  WRONG RESULT'}")
+    for sec in ("reshape_and_cache", "copy_blocks"):
+        for k, x in res.get(sec, {}).items():
+            if isinstance(x, dict) and k != "default":
+                print(f"{sec} {k}: {fmt(x.get('ms'), '.4f')} ms, bw frac {fmt(x.get('copy_bw_fraction'))}, "
+                      f"ok {x.get('ok')} {x.get('error', '')}")
+    for sec, x in res.items():
+        if isinstance(x, dict) and "error" in x:
+            print(f"SECTION {sec} FAILED: {x['error'][:200]}")
+    print("figures:", {k: round(v, 3) for k, (v, _) in figs.items()})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter, temp dir")
+    ap.add_argument("--quick", action="store_true", help="shorter timings, no tuning sweep")
+    ap.add_argument("--backend", default=None, help="pagedattn backend (default: auto; triton in --dry-run)")
+    ap.add_argument("--out", default=None, help="results directory (default bench/results/<card>)")
+    args = ap.parse_args(argv)
+    global DEV
+    sh = DRY if args.dry_run else FULL
+    if args.dry_run:
+        DEV = torch.device("cpu")
+    elif DEV.type != "cuda":
+        sys.exit("no CUDA device: use --dry-run for a CPU plumbing check")
+    if args.quick and not args.dry_run:
+        sh.warmup, sh.rep = 10, 40
+    set_backend(args.backend or ("triton" if args.dry_run else "auto"))
+    torch.manual_seed(0)
+    from bench.summary import card_name, update_figures
+    from bench.plot_ops import plot_block_size
+
+    card = card_name()
+    res = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
+           "device": str(DEV), "dry_run": args.dry_run}
+    t_start = time.perf_counter()
+    sections = [("physical", sec_physical, ()), ("decode", sec_decode, (args.quick,)), ("long_ctx", sec_long, ()),
+                ("reshape_and_cache", sec_reshape, ()), ("copy_blocks", sec_copy_blocks, ()),
+                ("block_size", sec_block_sizes, ())]
+    for name, fn, extra in sections:
+        t0 = time.perf_counter()
+        r = res[name] = {}
+        try:
+            fn(r, sh, *extra)
+        except Exception as e:  # noqa: BLE001
+            r["error"] = f"{type(e).__name__}: {e}"
+            r["traceback"] = traceback.format_exc(limit=6)
+        free()
+        r["seconds"] = time.perf_counter() - t0
+        print(f"[{name}] {r['seconds']:.1f} s{'  ERROR ' + r['error'] if 'error' in r else ''}", flush=True)
+    res["total_seconds"] = time.perf_counter() - t_start
+
+    out_dir = Path(args.out) if args.out else (
+        Path(tempfile.mkdtemp(prefix="bench_ops_")) if args.dry_run else ROOT / "bench" / "results") / card_slug(card)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = figures(res)
+    res["figures"] = {k: {"value": v, "goal": g} for k, (v, g) in figs.items()}
+    try:
+        plot_block_size(res, out_dir / "ops_block_size.png")
+    except Exception as e:  # noqa: BLE001
+        res["plot_error"] = f"{type(e).__name__}: {e}"
+    (out_dir / "ops.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    command = "python bench/bench_ops.py" + (" --quick" if args.quick else "")
+    if args.dry_run:
+        update_figures(figs, card=card, command=command + " --dry-run", path=out_dir / "summary.json")
+    elif figs:
+        update_figures(figs, card=card, command=command)
+    print_table(res, figs)
+    print(f"wrote {out_dir / 'ops.json'}")
+    return res
+
+
+# --------------------------------------------------------------------------------------------- pytest-benchmark
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _synced(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+@needs_cuda
+def test_decode_main(benchmark):
+    c = make_case(FULL.seqs, FULL.seq_len, FULL.block, DEFAULT_LAYOUT, FULL)
+    fn = ours_fn(c)
+    assert max_diff(fn(), sdpa(c.q, c.k, c.v)) <= TOL
+    benchmark(_synced(fn))
+
+
+@needs_cuda
+def test_reshape_and_cache(benchmark):
+    T = FULL.rc_tokens
+    key, value = (torch.randn(T, FULL.kv_heads, FULL.head_size, dtype=FULL.dtype, device="cuda") for _ in range(2))
+    kc, vc = allocate_kv_cache(triton.cdiv(4 * T, FULL.block), FULL.block, FULL.kv_heads, FULL.head_size,
+                               FULL.dtype, "cuda")
+    slots = torch.randperm(kc.shape[0] * FULL.block, device="cuda")[:T]
+    benchmark(_synced(lambda: reshape_and_cache(key, value, kc, vc, slots)))
+
+
+@needs_cuda
+def test_copy_blocks(benchmark):
+    caches = [allocate_kv_cache(FULL.cb_blocks, FULL.block, FULL.kv_heads, FULL.head_size, FULL.dtype, "cuda")
+              for _ in range(FULL.cb_layers)]
+    kcs, vcs = [k.normal_() for k, _ in caches], [v.normal_() for _, v in caches]
+    perm = torch.randperm(FULL.cb_blocks, device="cuda")
+    mapping = torch.stack([perm[:FULL.cb_pairs], perm[FULL.cb_pairs:2 * FULL.cb_pairs]], dim=1).contiguous()
+    benchmark(_synced(lambda: copy_blocks(kcs, vcs, mapping)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On a GPU machine (the device tool): GPU tests, then the kernel benchmark; logs under $OUT.
+# Uses the machine's own torch/triton (no venv): PYTHONPATH points at this checkout.
+set -uo pipefail
+OUT="${OUT:-/tmp/pagedattn-out}"; mkdir -p "$OUT"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.txt"
+tests_timeout="${TESTS_TIMEOUT:-330}"; bench_timeout="${BENCH_TIMEOUT:-200}"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  start=$(date +%s)
+  timeout "$tests_timeout" python3 -m pytest ${TEST_PATHS:-tests/ops} -q -n "${XDIST:-8}" -p no:cacheprovider --maxfail=30 \
+    ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
+  echo "tests rc=$? in $(( $(date +%s) - start ))s"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
+  grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -30
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  start=$(date +%s)
+  timeout "$bench_timeout" python3 bench/bench_ops.py ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  echo "bench rc=$? in $(( $(date +%s) - start ))s"; tail -45 "$OUT/bench.log"
+  mkdir -p "$OUT/results" && cp -r bench/results/. "$OUT/results/"
+fi
