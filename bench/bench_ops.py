@@ -73,9 +73,22 @@ def free():
         torch.cuda.empty_cache()
 
 
+TIMING = {"mode": "graph"}
+
+
 def timeit(fn, sh) -> float:
-    """Median milliseconds of ``fn`` (Triton's do_bench, cold L2, on CUDA; a wall clock on the CPU)."""
+    """Median milliseconds of ``fn`` on the GPU.
+
+    By default ``fn`` is captured in a CUDA graph and its replays are timed
+    (``triton.testing.do_bench_cudagraph``), so host launch overhead (Python, op dispatch) is
+    excluded for every system alike and the figure is device time; ``--timing eager`` times plain
+    calls with ``do_bench`` instead. On the CPU: a wall clock.
+    """
     if DEV.type == "cuda":
+        if TIMING["mode"] == "graph":
+            fn()  # compile / warm up outside capture
+            torch.cuda.synchronize()
+            return triton.testing.do_bench_cudagraph(fn, rep=sh.rep, return_mode="median")
         return triton.testing.do_bench(fn, warmup=sh.warmup, rep=sh.rep, return_mode="median")
     fn()
     times = []
@@ -247,6 +260,13 @@ def sec_decode(r, sh, quick):
         for key, vals in (("num_stages", (2, 4)), ("tile_n", (32, 64, 128)), ("num_warps", (8,))):
             for val in vals:
                 decode_variant(v, f"{key}_{val}", c, ref, sd, sh, tuning={key: val})
+        for tile, stages, warps in ((128, 2, 4), (128, 2, 8), (128, 3, 8), (64, 4, 4)):
+            decode_variant(v, f"tile{tile}_stages{stages}_warps{warps}", c, ref, sd, sh,
+                           tuning={"tile_n": tile, "num_stages": stages, "num_warps": warps})
+    if DEV.type == "cuda":
+        saved_mode, TIMING["mode"] = TIMING["mode"], "eager"
+        r["default_eager_ms"] = timeit(ours_fn(c), sh)  # with host overhead: Python, op dispatch, launch
+        TIMING["mode"] = saved_mode
     if "ms" in main:
         r["ours_vs_sdpa"] = main["ms"] / sd
         r["gather_sdpa_vs_ours"] = r["gather_sdpa"]["ms"] / main["ms"]
@@ -383,7 +403,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="shorter timings, no tuning sweep")
     ap.add_argument("--backend", default=None, help="pagedattn backend (default: auto; triton in --dry-run)")
     ap.add_argument("--out", default=None, help="results directory (default bench/results/<card>)")
+    ap.add_argument("--timing", choices=["graph", "eager"], default="graph",
+                    help="time CUDA-graph replays (device time, the default) or eager calls")
     args = ap.parse_args(argv)
+    TIMING["mode"] = args.timing
     global DEV
     sh = DRY if args.dry_run else FULL
     if args.dry_run:
@@ -400,7 +423,7 @@ def main(argv=None):
     card = card_name()
     res = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
-           "device": str(DEV), "dry_run": args.dry_run}
+           "device": str(DEV), "dry_run": args.dry_run, "timing": args.timing}
     t_start = time.perf_counter()
     sections = [("physical", sec_physical, ()), ("decode", sec_decode, (args.quick,)), ("long_ctx", sec_long, ()),
                 ("reshape_and_cache", sec_reshape, ()), ("copy_blocks", sec_copy_blocks, ()),

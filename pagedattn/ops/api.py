@@ -174,7 +174,9 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping:
 
     Args:
         src_cache, dst_cache: caches with the same block shape and strides; one on a GPU and one
-            pinned on the CPU (or both on one device).
+            on the CPU (or both on one device). The CPU cache must be pinned for the copy to be
+            asynchronous (``allocate_kv_cache(..., pin_memory=True)``); from pageable memory it is
+            still correct, but the host waits for it.
         block_mapping: [num_pairs, 2] int64 CPU tensor of (src, dst) block ids; every id is
             checked (for free: it is on the host) and raises ``ValueError`` when out of range.
     """

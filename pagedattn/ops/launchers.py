@@ -20,7 +20,7 @@ TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 
 #: Tuning knobs for the decode kernel; the benchmarks overwrite them to sweep.
 DECODE_TUNING = {
-    "target_waves": 8,            # aim for this many programs per multiprocessor when splitting
+    "target_waves": 4,            # when splitting, aim for this many programs per multiprocessor
     "min_tokens_per_split": 512,  # never split a context finer than this
     "num_warps": 4,
     "num_stages": 3,
@@ -51,9 +51,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device
     if device.type != "cuda":
         return 1
     programs = num_seqs * num_kv_heads
-    target = DECODE_TUNING["target_waves"] * num_multiprocessors(device.index or 0)
-    if programs >= target:
-        return 1
+    num_sms = num_multiprocessors(device.index or 0)
+    if programs >= num_sms:
+        return 1  # one (sequence, KV head) per program already fills the GPU
+    target = DECODE_TUNING["target_waves"] * num_sms
     by_length = max(1, max_seq_len // DECODE_TUNING["min_tokens_per_split"])
     return max(1, min(triton.cdiv(target, programs), by_length, 256))
 
@@ -99,9 +100,9 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         lse_arg, *lse_strides,
         part_out, part_lse,
         scale, softcap,
-        num_blocks, block_tables.shape[1], block_size.bit_length() - 1, group_size, head_size,
+        num_blocks, block_tables.shape[1], block_size.bit_length() - 1, group_size,
         sliding_window, tokens_per_split,
-        BLOCK_M=block_m, BLOCK_D=block_d, TILE_N=tile_n, SPLIT=num_splits > 1,
+        HEAD_SIZE=head_size, BLOCK_M=block_m, BLOCK_D=block_d, TILE_N=tile_n, SPLIT=num_splits > 1,
         USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
         WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
         **extra,
@@ -132,8 +133,8 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
         key_cache, *key_cache.stride(),
         value_cache, *value_cache.stride(),
         slot_mapping,
-        num_blocks * block_size, block_size.bit_length() - 1, num_kv_heads, head_size,
-        BLOCK_H=block_h, BLOCK_D=block_d,
+        num_blocks * block_size, block_size.bit_length() - 1, num_kv_heads,
+        HEAD_SIZE=head_size, BLOCK_H=block_h, BLOCK_D=block_d,
         **extra,
     )
 

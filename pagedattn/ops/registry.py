@@ -203,7 +203,7 @@ def _copy_blocks_fake(key_caches, value_caches, block_mapping, validate) -> None
 # swap_blocks
 # ---------------------------------------------------------------------------------------------
 
-def check_swap_blocks(src_cache, dst_cache, block_mapping, check_pinned: bool = True) -> None:
+def check_swap_blocks(src_cache, dst_cache, block_mapping) -> None:
     checks.check_tensor("src_cache", src_cache, dtypes=checks.SUPPORTED_DTYPES)
     checks.check_tensor("dst_cache", dst_cache, dtypes=checks.SUPPORTED_DTYPES)
     checks.check_same_dtype("dst_cache", dst_cache, "src_cache", src_cache)
@@ -218,11 +218,6 @@ def check_swap_blocks(src_cache, dst_cache, block_mapping, check_pinned: bool = 
     if src_cache.device.type == "cuda" and dst_cache.device.type == "cuda" and src_cache.device != dst_cache.device:
         raise ValueError(f"src_cache and dst_cache must be on one GPU or one on the CPU, got {src_cache.device} "
                          f"and {dst_cache.device}")
-    if devices == {"cpu", "cuda"} and check_pinned:  # fake tensors carry no pinned flag
-        for name, cache in (("src_cache", src_cache), ("dst_cache", dst_cache)):
-            if cache.device.type == "cpu" and not cache.is_pinned():
-                raise ValueError(f"{name} is a CPU cache that is not pinned: allocate it with pin_memory=True "
-                                 "so the copy is asynchronous")
     checks.check_tensor("block_mapping", block_mapping, ndim=2, dtypes=(torch.int64, torch.int32))
     if block_mapping.device.type != "cpu":
         raise ValueError(f"block_mapping must be a CPU tensor (the host drives the copies), got {block_mapping.device}")
@@ -239,4 +234,4 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, block_mapping:
 
 @swap_blocks.register_fake
 def _swap_blocks_fake(src_cache, dst_cache, block_mapping) -> None:
-    check_swap_blocks(src_cache, dst_cache, block_mapping, check_pinned=False)
+    check_swap_blocks(src_cache, dst_cache, block_mapping)

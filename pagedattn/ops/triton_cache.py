@@ -6,15 +6,15 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["num_slots", "log2_block_size", "num_kv_heads", "head_size"])
+@triton.jit(do_not_specialize=["num_slots", "log2_block_size", "num_kv_heads"])
 def reshape_and_cache_kernel(
     key_ptr, stride_kn, stride_kh, stride_kd,
     value_ptr, stride_vn, stride_vh, stride_vd,
     k_cache_ptr, stride_kcb, stride_kct, stride_kch, stride_kcd,
     v_cache_ptr, stride_vcb, stride_vct, stride_vch, stride_vcd,
     slot_mapping_ptr,
-    num_slots, log2_block_size, num_kv_heads, head_size,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_slots, log2_block_size, num_kv_heads,
+    HEAD_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program writes one token's keys and values (all KV heads) into its slot."""
     token = tl.program_id(0).to(tl.int64)
@@ -24,7 +24,7 @@ def reshape_and_cache_kernel(
         in_block = slot & ((1 << log2_block_size) - 1)
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_h[:, None] < num_kv_heads) & (offs_d[None, :] < head_size)
+        mask = (offs_h[:, None] < num_kv_heads) & (offs_d[None, :] < HEAD_SIZE)
         k = tl.load(key_ptr + token * stride_kn + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd,
                     mask=mask)
         v = tl.load(value_ptr + token * stride_vn + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd,

@@ -1,0 +1,207 @@
+"""Appending tokens to running sequences: new blocks, copy-on-write, caching filled blocks.
+
+A sequence gets a new block only when its last block is full. Appending to a last block that is
+shared (after a fork) and partly filled first copies it (copy-on-write): the allocator returns
+``(src, dst)`` block pairs and the engine's copy op runs them before the step writes KV. A block
+that an append fills is hashed and registered in the prefix cache.
+
+:meth:`AppendMixin.append_slots_batch` is the decode-step fast path: numpy over the batch, Python
+only for the few sequences that need a new block, a copy-on-write check or a block hash.
+
+These methods are mixed into :class:`~pagedattn.alloc.block_manager.BlockManager`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pagedattn.alloc.errors import InvalidArgumentError
+from pagedattn.alloc.hashing import as_token_array
+
+if TYPE_CHECKING:
+    from pagedattn.alloc.block import KVCacheBlock
+    from pagedattn.alloc.block_manager import SequenceState
+
+__all__ = ["AppendMixin"]
+
+_sha256 = hashlib.sha256
+
+
+class AppendMixin:
+    """``append_slots``, ``append_slots_batch`` and their admission checks."""
+
+    def num_blocks_to_append(self, seq_ids: Iterable[Hashable], num_new_tokens: int = 1) -> int:
+        """GPU blocks that appending ``num_new_tokens`` to each sequence, in order, takes.
+
+        Counts new blocks plus copy-on-write copies (a shared partly filled last block is
+        copied for each appending holder except the last one, when no other sequence holds it).
+        """
+        bs, total = self.block_size, 0
+        holders: dict[int, int] = {}
+        for seq_id in seq_ids:
+            seq = self._get_running(seq_id, "append to")
+            n = int(self.arrays.num_tokens[seq.row])
+            total += -(-(n + num_new_tokens) // bs) - -(-n // bs)
+            if n % bs and num_new_tokens > 0 and seq.blocks[-1].ref_cnt > 1:
+                bid = seq.blocks[-1].block_id
+                holders[bid] = holders.get(bid, 0) + 1
+        for bid, h in holders.items():
+            total += h if self.gpu_pool.blocks[bid].ref_cnt > h else h - 1
+        return total
+
+    def can_append_slots(self, seq_ids: Iterable[Hashable], num_new_tokens: int = 1) -> bool:
+        """Whether appending ``num_new_tokens`` to each of ``seq_ids`` is sure to succeed."""
+        return self.num_blocks_to_append(seq_ids, num_new_tokens) <= self.num_free_blocks
+
+    def append_slots(self, seq_id: Hashable, token_ids: Sequence[int] | np.ndarray | int
+                     ) -> list[tuple[int, int]]:
+        """Add slots for new tokens of a running sequence (a new block only when the last is full).
+
+        Args:
+            seq_id: a running sequence.
+            token_ids: the new tokens' ids (one int, or a sequence for several tokens); blocks
+                they fill are hashed and registered in the prefix cache.
+
+        Returns:
+            Copy-on-write pairs ``[(src_block_id, dst_block_id)]``: the sequence's last block was
+            shared and partly filled, so the engine must copy ``src`` to ``dst`` before writing.
+
+        Raises:
+            UnknownSequenceError / FreedSequenceError: the sequence is not live.
+            SwapError: the sequence is swapped out.
+            OutOfBlocksError: not enough free GPU blocks; nothing changes.
+        """
+        seq = self._get_running(seq_id, "append to")
+        if isinstance(token_ids, (int, np.integer)):
+            token_ids = [token_ids]
+        tokens = as_token_array(token_ids, "token_ids")
+        k = len(tokens)
+        if k == 0:
+            return []
+        bs, arrays, row = self.block_size, self.arrays, seq.row
+        n = int(arrays.num_tokens[row])
+        num_new = -(-(n + k) // bs) - -(-n // bs)
+        cow = bool(n % bs) and seq.blocks[-1].ref_cnt > 1
+        self.gpu_pool.check_available(num_new + cow, f"append {k} token(s) to sequence {seq_id!r}")
+        pairs: list[tuple[int, int]] = []
+        if cow:
+            self._copy_on_write(seq, pairs)
+        arrays.maybe_shared[row] = False
+        self._add_blocks(seq, self.gpu_pool.get_new_blocks(num_new))
+        lbt, i = arrays.last_block_tokens, 0
+        while i < k:
+            off = n % bs
+            take = min(bs - off, k - i)
+            lbt[row, off:off + take] = tokens[i:i + take]
+            n += take
+            i += take
+            if n % bs == 0:
+                self._cache_full_block(seq, seq.blocks[n // bs - 1], lbt[row])
+        arrays.num_tokens[row] = n
+        return pairs
+
+    def append_slots_batch(self, seq_ids: Sequence[Hashable], token_ids: Sequence[int] | np.ndarray
+                           ) -> list[tuple[int, int]]:
+        """One decode step: append one token to each running sequence, all or nothing.
+
+        Vectorized over the batch: only sequences that need a new block, a copy-on-write check
+        or a full-block hash (about 2 in ``block_size``) run Python code.
+
+        Args:
+            seq_ids: distinct running sequences.
+            token_ids: one new token id per sequence.
+
+        Returns:
+            Copy-on-write pairs ``[(src_block_id, dst_block_id)]`` for the engine's copy op.
+
+        Raises:
+            As :meth:`append_slots`, plus InvalidArgumentError for repeated ids or a length
+            mismatch. On any error nothing changes.
+        """
+        rows = self._rows_for(seq_ids, "append to")
+        tokens = as_token_array(token_ids, "token_ids")
+        if tokens.shape[0] != rows.shape[0]:
+            raise InvalidArgumentError(f"token_ids has {tokens.shape[0]} tokens for "
+                                       f"{rows.shape[0]} sequences; expected one per sequence")
+        bs, arrays, pool, row_seqs = self.block_size, self.arrays, self.gpu_pool, self._row_seqs
+        pos = arrays.num_tokens[rows]
+        off = pos % bs
+        need_new = off == 0
+        num_new = int(np.count_nonzero(need_new))
+        # Sequences whose partly filled last block may be shared. Copies needed: a block with
+        # ref_cnt r appended to by h sequences of the batch needs h copies if r > h, else h - 1
+        # (the last one to append finds itself the only holder and writes in place).
+        maybe = arrays.maybe_shared[rows] & ~need_new
+        num_copies = 0
+        if maybe.any():
+            holders: dict[int, int] = {}
+            for r in rows[maybe].tolist():
+                bid = row_seqs[r].blocks[-1].block_id
+                holders[bid] = holders.get(bid, 0) + 1
+            for bid, h in holders.items():
+                num_copies += h if pool.blocks[bid].ref_cnt > h else h - 1
+        if num_new + num_copies > pool.num_free_blocks:
+            pool.check_available(num_new + num_copies,
+                                 f"append a token to each of {rows.shape[0]} sequences")
+        # -- mutation starts here: nothing below can fail.
+        arrays.last_block_tokens[rows, off] = tokens
+        arrays.num_tokens[rows] = pos + 1
+        if num_new:
+            arrays.ensure_width(int(pos.max()) // bs + 1)
+        fills = off == bs - 1 if self.enable_prefix_caching else np.zeros_like(need_new)
+        slow = np.flatnonzero(need_new | maybe | fills)
+        # Python only for the slow rows, in batch order, so that the result (block ids, pairs,
+        # cache registrations) is exactly that of append_slots called for each in turn.
+        pairs: list[tuple[int, int]] = []
+        new_rows, new_cols, new_ids = [], [], []
+        lbt, get_new_blocks = arrays.last_block_tokens, pool.get_new_blocks
+        for r, o, m in zip(rows[slow].tolist(), off[slow].tolist(), maybe[slow].tolist()):
+            seq = row_seqs[r]
+            if o == 0:
+                block = get_new_blocks(1)[0]
+                new_rows.append(r)
+                new_cols.append(len(seq.blocks))
+                new_ids.append(block.block_id)
+                seq.blocks.append(block)
+            elif m:
+                if seq.blocks[-1].ref_cnt > 1:
+                    self._copy_on_write(seq, pairs)
+                arrays.maybe_shared[r] = False
+            if o == bs - 1 and self.enable_prefix_caching:
+                self._cache_full_block(seq, seq.blocks[-1], lbt[r])
+        if new_rows:
+            arrays.block_tables[new_rows, new_cols] = new_ids
+            arrays.maybe_shared[new_rows] = False
+        return pairs
+
+    def _add_blocks(self, seq: SequenceState, blocks: list[KVCacheBlock]) -> None:
+        if blocks:
+            start = len(seq.blocks)
+            seq.blocks.extend(blocks)
+            self.arrays.ensure_width(len(seq.blocks))
+            self.arrays.block_tables[seq.row, start:len(seq.blocks)] = [b.block_id for b in blocks]
+
+    def _copy_on_write(self, seq: SequenceState, pairs: list[tuple[int, int]]) -> None:
+        """Replace the shared last block by a private copy (one free block must be available)."""
+        src = seq.blocks[-1]
+        dst = self.gpu_pool.get_new_blocks(1)[0]
+        self.gpu_pool.free_blocks((src,))  # shared, so it stays in use
+        seq.blocks[-1] = dst
+        self.arrays.block_tables[seq.row, len(seq.blocks) - 1] = dst.block_id
+        pairs.append((src.block_id, dst.block_id))
+
+    def _cache_full_block(self, seq: SequenceState, block: KVCacheBlock, tokens: np.ndarray) -> None:
+        """Hash a block that just became full and register it; advance the sequence's chain."""
+        if not self.enable_prefix_caching:
+            return
+        key = seq.last_hash + tokens.tobytes()
+        existing = self.gpu_pool.cached_blocks.get(key)
+        if existing is not None and existing.extra_keys == seq.extra_keys:
+            seq.last_hash = existing.block_hash
+            return
+        seq.last_hash = _sha256(key).digest()
+        self.gpu_pool.cache_block(block, key, seq.last_hash, seq.extra_keys)

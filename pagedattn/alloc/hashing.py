@@ -1,0 +1,180 @@
+"""Block hashes for prefix caching.
+
+Every full block is identified by a chain::
+
+    root        = SHA-256(b"pagedattn.alloc.root/1\\x00" + encode_extra_keys(extra_keys))
+    key_i       = hash_{i-1} + token_ids_i.astype("<i4").tobytes()      (hash_{-1} = root)
+    hash_i      = SHA-256(key_i)
+
+so ``hash_i`` commits to the extra keys (per-tenant salt, adapter id, ...) and to every token
+of the prefix up to and including block ``i``. SHA-256 is :mod:`hashlib`'s (OpenSSL), the
+collision-resistant hash of the standard library.
+
+How a hit is kept exact (and not merely probable):
+
+* the prefix-cache map is keyed by ``key_i`` itself, not by the digest, so a lookup compares
+  the block's token ids and its parent's hash byte for byte (Python ``dict`` equality on
+  ``bytes``); a wrong hit would need two different prefixes with the *same* ``hash_{i-1}``,
+  i.e. a SHA-256 collision, for which no example is known (about 2**128 work);
+* the encoded extra keys are stored on each cached block and compared on every hit, so
+  blocks under different salts or adapters are never shared, whatever the hash does.
+
+Token ids are hashed as little-endian int32, the canonical token dtype of the allocator;
+:func:`as_token_array` rejects ids outside the int32 range rather than truncating them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pagedattn.alloc.errors import InvalidArgumentError
+
+__all__ = [
+    "TOKEN_DTYPE",
+    "BLOCK_HASH_BYTES",
+    "encode_extra_keys",
+    "root_hash",
+    "as_token_array",
+    "hash_block_tokens",
+    "hash_token_blocks",
+]
+
+TOKEN_DTYPE = np.dtype("<i4")
+"""Canonical dtype of token ids (they are hashed as these bytes)."""
+
+BLOCK_HASH_BYTES = 32
+"""Length of a block hash (SHA-256 digest)."""
+
+_ROOT_TAG = b"pagedattn.alloc.root/1\x00"
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_sha256 = hashlib.sha256
+_root_cache: dict[bytes, bytes] = {}
+
+
+def _encode(value: Any, out: list[bytes]) -> None:
+    if value is None:
+        out.append(b"N")
+    elif isinstance(value, bool):
+        out.append(b"T" if value else b"F")
+    elif isinstance(value, (int, np.integer)):
+        text = str(int(value)).encode()
+        out.append(b"I" + struct.pack("<Q", len(text)) + text)
+    elif isinstance(value, (float, np.floating)):
+        text = float(value).hex().encode()
+        out.append(b"D" + struct.pack("<Q", len(text)) + text)
+    elif isinstance(value, str):
+        data = value.encode("utf-8")
+        out.append(b"S" + struct.pack("<Q", len(data)) + data)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        out.append(b"B" + struct.pack("<Q", len(data)) + data)
+    elif isinstance(value, (tuple, list)):
+        out.append(b"(" + struct.pack("<Q", len(value)))
+        for item in value:
+            _encode(item, out)
+        out.append(b")")
+    else:
+        raise InvalidArgumentError(
+            f"extra_keys may hold None, bool, int, float, str, bytes and tuples of them; "
+            f"got {type(value).__name__}: {value!r}")
+
+
+def encode_extra_keys(extra_keys: Any) -> bytes:
+    """Serialize extra keys to bytes, unambiguously (type-tagged and length-prefixed).
+
+    Args:
+        extra_keys: ``None`` or ``()`` for none, else a value or tuple of values of type None,
+            bool, int, float, str or bytes (nested tuples allowed), e.g. ``("tenant-7", 3)``.
+
+    Returns:
+        ``b""`` for no extra keys, else a prefix-free encoding: different values never give the
+        same bytes.
+    """
+    if extra_keys is None or extra_keys == ():
+        return b""
+    out: list[bytes] = []
+    _encode(extra_keys, out)
+    return b"".join(out)
+
+
+def root_hash(encoded_extra_keys: bytes) -> bytes:
+    """The parent hash of a sequence's first block, committing to its extra keys."""
+    digest = _root_cache.get(encoded_extra_keys)
+    if digest is None:
+        digest = _sha256(_ROOT_TAG + encoded_extra_keys).digest()
+        if len(_root_cache) >= 65536:  # a memo only: clearing it changes no hash
+            _root_cache.clear()
+        _root_cache[encoded_extra_keys] = digest
+    return digest
+
+
+def as_token_array(token_ids: Sequence[int] | np.ndarray, name: str = "token_ids") -> np.ndarray:
+    """Token ids as a 1-D array of :data:`TOKEN_DTYPE`, without copying when already so.
+
+    Raises:
+        InvalidArgumentError: if ``token_ids`` is not 1-D integers in the int32 range.
+    """
+    arr = token_ids
+    if not isinstance(arr, np.ndarray):
+        try:
+            arr = np.asarray(arr)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"{name} must be a sequence of int32 token ids: {exc}") from None
+    if arr.ndim != 1:
+        raise InvalidArgumentError(f"{name} must be a 1-D sequence of token ids, got shape {arr.shape}")
+    if arr.dtype != TOKEN_DTYPE:
+        if arr.size == 0:
+            return np.empty(0, TOKEN_DTYPE)
+        if arr.dtype.kind not in "iu":
+            raise InvalidArgumentError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+        if arr.dtype.itemsize >= 4 and (int(arr.min()) < _INT32_MIN or int(arr.max()) > _INT32_MAX):
+            raise InvalidArgumentError(
+                f"{name} must be int32 token ids; got values outside [{_INT32_MIN}, {_INT32_MAX}]")
+        arr = arr.astype(TOKEN_DTYPE)
+    return arr
+
+
+def hash_block_tokens(parent_hash: bytes, token_bytes: bytes) -> tuple[bytes, bytes]:
+    """Hash one full block.
+
+    Args:
+        parent_hash: hash of the previous block, or :func:`root_hash` for the first block.
+        token_bytes: the block's token ids as :data:`TOKEN_DTYPE` bytes.
+
+    Returns:
+        ``(block_key, block_hash)``: the exact hashed bytes (the prefix-cache key) and their
+        SHA-256 digest.
+    """
+    key = parent_hash + token_bytes
+    return key, _sha256(key).digest()
+
+
+def hash_token_blocks(parent_hash: bytes, tokens: np.ndarray, block_size: int,
+                      num_blocks: int | None = None) -> list[tuple[bytes, bytes]]:
+    """Hash the full blocks of ``tokens`` along the chain (see the module docstring).
+
+    Args:
+        parent_hash: the hash the chain starts from (a root hash or a previous block's hash).
+        tokens: 1-D :data:`TOKEN_DTYPE` token ids, the first block first.
+        block_size: tokens per block.
+        num_blocks: how many blocks to hash (default: all full blocks).
+
+    Returns:
+        ``[(block_key, block_hash), ...]``, one per full block.
+    """
+    if num_blocks is None:
+        num_blocks = len(tokens) // block_size
+    data = tokens[: num_blocks * block_size].tobytes()
+    stride = block_size * TOKEN_DTYPE.itemsize
+    out = []
+    sha = _sha256
+    for start in range(0, num_blocks * stride, stride):
+        key = parent_hash + data[start:start + stride]
+        parent_hash = sha(key).digest()
+        out.append((key, parent_hash))
+    return out
