@@ -90,7 +90,7 @@ class AppendMixin:
         pairs: list[tuple[int, int]] = []
         if cow:
             self._copy_on_write(seq, pairs)
-        arrays.maybe_shared[row] = False
+        arrays.clear_maybe_shared(row)
         self._add_blocks(seq, self.gpu_pool.get_new_blocks(num_new))
         lbt, i = arrays.last_block_tokens, 0
         while i < k:
@@ -128,20 +128,31 @@ class AppendMixin:
             raise InvalidArgumentError(f"token_ids has {tokens.shape[0]} tokens for "
                                        f"{rows.shape[0]} sequences; expected one per sequence")
         bs, arrays, pool, row_seqs = self.block_size, self.arrays, self.gpu_pool, self._row_seqs
+        caching = self.enable_prefix_caching
         pos = arrays.num_tokens[rows]
         off = pos % bs
-        need_new = off == 0
-        num_new = int(np.count_nonzero(need_new))
-        # Sequences whose partly filled last block may be shared. Copies needed: a block with
-        # ref_cnt r appended to by h sequences of the batch needs h copies if r > h, else h - 1
-        # (the last one to append finds itself the only holder and writes in place).
-        maybe = arrays.maybe_shared[rows] & ~need_new
+        flagged = arrays.num_maybe_shared > 0
+        maybe_shared = arrays.maybe_shared[rows] if flagged else None
+        # Python runs only for the slow rows: a new block (offset 0), a block this token fills
+        # (offset bs - 1, to hash it) or a last block that may be shared (copy-on-write check).
+        slow_mask = off == 0
+        if caching:
+            slow_mask |= off == bs - 1
+        if flagged:
+            slow_mask |= maybe_shared
+        slow = np.flatnonzero(slow_mask)
+        slow_rows, slow_offs = rows[slow].tolist(), off[slow].tolist()
+        slow_shared = maybe_shared[slow].tolist() if flagged else [False] * len(slow_rows)
+        num_new = slow_offs.count(0)
+        # Copies needed: a block with ref_cnt r appended to by h sequences of the batch needs h
+        # copies if r > h, else h - 1 (the last to append is its only holder and writes in place).
         num_copies = 0
-        if maybe.any():
+        if flagged and any(slow_shared):
             holders: dict[int, int] = {}
-            for r in rows[maybe].tolist():
-                bid = row_seqs[r].blocks[-1].block_id
-                holders[bid] = holders.get(bid, 0) + 1
+            for r, o, m in zip(slow_rows, slow_offs, slow_shared):
+                if m and o:
+                    bid = row_seqs[r].blocks[-1].block_id
+                    holders[bid] = holders.get(bid, 0) + 1
             for bid, h in holders.items():
                 num_copies += h if pool.blocks[bid].ref_cnt > h else h - 1
         if num_new + num_copies > pool.num_free_blocks:
@@ -150,32 +161,34 @@ class AppendMixin:
         # -- mutation starts here: nothing below can fail.
         arrays.last_block_tokens[rows, off] = tokens
         arrays.num_tokens[rows] = pos + 1
-        if num_new:
-            arrays.ensure_width(int(pos.max()) // bs + 1)
-        fills = off == bs - 1 if self.enable_prefix_caching else np.zeros_like(need_new)
-        slow = np.flatnonzero(need_new | maybe | fills)
-        # Python only for the slow rows, in batch order, so that the result (block ids, pairs,
-        # cache registrations) is exactly that of append_slots called for each in turn.
+        # Blocks are handed out in batch order and claimed one by one, so block ids, pairs and
+        # cache registrations are exactly those of append_slots called for each in turn.
+        free_blocks = iter(pool.take_free_blocks(num_new + num_copies))
         pairs: list[tuple[int, int]] = []
         new_rows, new_cols, new_ids = [], [], []
-        lbt, get_new_blocks = arrays.last_block_tokens, pool.get_new_blocks
-        for r, o, m in zip(rows[slow].tolist(), off[slow].tolist(), maybe[slow].tolist()):
+        lbt, claim, width = arrays.last_block_tokens, pool.claim_block, arrays.width
+        for r, o, m in zip(slow_rows, slow_offs, slow_shared):
             seq = row_seqs[r]
             if o == 0:
-                block = get_new_blocks(1)[0]
+                block = next(free_blocks)
+                claim(block)
                 new_rows.append(r)
                 new_cols.append(len(seq.blocks))
                 new_ids.append(block.block_id)
                 seq.blocks.append(block)
+                if len(seq.blocks) > width:
+                    arrays.ensure_width(len(seq.blocks))
+                    width = arrays.width
             elif m:
                 if seq.blocks[-1].ref_cnt > 1:
-                    self._copy_on_write(seq, pairs)
-                arrays.maybe_shared[r] = False
-            if o == bs - 1 and self.enable_prefix_caching:
+                    dst = next(free_blocks)
+                    claim(dst)
+                    self._copy_on_write(seq, pairs, dst)
+                arrays.clear_maybe_shared(r)
+            if o == bs - 1 and caching:
                 self._cache_full_block(seq, seq.blocks[-1], lbt[r])
-        if new_rows:
+        if new_rows:  # (flags are only ever set on partly filled blocks: none to clear here)
             arrays.block_tables[new_rows, new_cols] = new_ids
-            arrays.maybe_shared[new_rows] = False
         return pairs
 
     def _add_blocks(self, seq: SequenceState, blocks: list[KVCacheBlock]) -> None:
@@ -185,10 +198,12 @@ class AppendMixin:
             self.arrays.ensure_width(len(seq.blocks))
             self.arrays.block_tables[seq.row, start:len(seq.blocks)] = [b.block_id for b in blocks]
 
-    def _copy_on_write(self, seq: SequenceState, pairs: list[tuple[int, int]]) -> None:
-        """Replace the shared last block by a private copy (one free block must be available)."""
+    def _copy_on_write(self, seq: SequenceState, pairs: list[tuple[int, int]],
+                       dst: KVCacheBlock | None = None) -> None:
+        """Replace the shared last block by a private copy ``dst`` (default: a new block)."""
         src = seq.blocks[-1]
-        dst = self.gpu_pool.get_new_blocks(1)[0]
+        if dst is None:
+            dst = self.gpu_pool.get_new_blocks(1)[0]
         self.gpu_pool.free_blocks((src,))  # shared, so it stays in use
         seq.blocks[-1] = dst
         self.arrays.block_tables[seq.row, len(seq.blocks) - 1] = dst.block_id

@@ -297,7 +297,8 @@ class BlockManager(AppendMixin, SwapMixin):
         row = self.arrays.alloc_row()
         self.arrays.copy_row(parent.row, row)
         if self.arrays.num_tokens[row] % self.block_size:
-            self.arrays.maybe_shared[[parent.row, row]] = True
+            self.arrays.flag_maybe_shared(parent.row)
+            self.arrays.flag_maybe_shared(row)
         self._add_seq(SequenceState(child_id, row, list(parent.blocks), parent.extra_keys,
                                     parent.last_hash))
 

@@ -86,19 +86,36 @@ class BlockPool:
         """
         blocks = self.free_block_queue.popleft_n(num_blocks)
         if self.cached_blocks:
-            uncache = self.cached_blocks.__delitem__
-            num_evicted = 0
             for block in blocks:
                 if block.block_key is not None:
-                    uncache(block.block_key)
-                    block.block_hash = block.block_key = block.extra_keys = None
-                    num_evicted += 1
+                    self.evict(block)
                 block.ref_cnt = 1
-            self.num_evictions += num_evicted
         else:
             for block in blocks:
                 block.ref_cnt = 1
         return blocks
+
+    def take_free_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
+        """Take blocks off the free queue's head *without* claiming them yet.
+
+        For a batch that hands blocks out one by one: each block must then get
+        ``claim_block`` before anything else uses the pool, which makes the batch behave
+        exactly like ``get_new_blocks(1)`` calls made in turn (a block still waiting for its
+        claim keeps its cache entry, as it would have in the queue).
+        """
+        return self.free_block_queue.popleft_n(num_blocks)
+
+    def claim_block(self, block: KVCacheBlock) -> None:
+        """Finish taking a block from ``take_free_blocks``: evict it if cached, ``ref_cnt = 1``."""
+        if block.block_key is not None:
+            self.evict(block)
+        block.ref_cnt = 1
+
+    def evict(self, block: KVCacheBlock) -> None:
+        """Drop a free block's prefix-cache entry (it is about to hold new content)."""
+        del self.cached_blocks[block.block_key]
+        block.block_hash = block.block_key = block.extra_keys = None
+        self.num_evictions += 1
 
     def get_cached_block(self, block_key: bytes, extra_keys: bytes) -> KVCacheBlock | None:
         """The cached block with exactly this key and these extra keys, else ``None``."""

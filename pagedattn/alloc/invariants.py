@@ -124,6 +124,13 @@ def check_invariants(manager: BlockManager) -> None:
         if not seq.swapped and n % bs and not arrays.maybe_shared[seq.row] \
                 and seq.blocks[-1].ref_cnt != 1:
             _fail(f"sequence {seq_id!r}: last block shared but not flagged for copy-on-write")
+    flagged = {int(r) for r in arrays.maybe_shared.nonzero()[0]}
+    if len(flagged) != arrays.num_maybe_shared:
+        _fail(f"{len(flagged)} maybe_shared flags set, {arrays.num_maybe_shared} counted")
+    for row in flagged:
+        seq = manager._row_seqs.get(row)
+        if seq is None or seq.swapped or int(arrays.num_tokens[row]) % bs == 0:
+            _fail(f"row {row} is flagged maybe_shared without a partly filled last block on the GPU")
     check_pool(manager.gpu_pool, gpu_holders)
     check_pool(manager.cpu_pool, cpu_holders)
     if len(manager._row_seqs) != len(manager._seqs):

@@ -43,6 +43,14 @@ class BatchMetadata:
     num_tokens: int
 
 
+def _per_seq(value, num_seqs: int, name: str) -> np.ndarray:
+    try:
+        return np.broadcast_to(np.asarray(value, dtype=np.int64), (num_seqs,))
+    except (ValueError, TypeError):
+        raise InvalidArgumentError(f"{name} must be an int or one int per sequence "
+                                   f"({num_seqs}), got {value!r}") from None
+
+
 def build_batch_metadata(block_tables: np.ndarray, num_tokens: np.ndarray, rows: np.ndarray,
                          block_size: int, num_new_tokens: int | np.ndarray = 1,
                          num_computed_tokens: np.ndarray | None = None, *,
@@ -87,13 +95,22 @@ def build_batch_metadata(block_tables: np.ndarray, num_tokens: np.ndarray, rows:
         slot_mapping += positions % block_size
         query_start_loc = np.arange(num_seqs + 1, dtype=np.int32)
     else:
-        new = np.broadcast_to(np.asarray(num_new_tokens, dtype=np.int64), (num_seqs,))
-        computed = seq_tokens - new if num_computed_tokens is None else \
-            np.broadcast_to(np.asarray(num_computed_tokens, dtype=np.int64), (num_seqs,))
+        new = _per_seq(num_new_tokens, num_seqs, "num_new_tokens")
+        if num_seqs and int(new.min()) < 0:
+            raise InvalidArgumentError(f"num_new_tokens must be >= 0, got {new.tolist()}")
+        if num_computed_tokens is None:
+            if num_seqs and bool((new > seq_tokens).any()):
+                i = int(np.argmax(new > seq_tokens))
+                raise InvalidArgumentError(
+                    f"batch position {i}: num_new_tokens = {int(new[i])} exceeds the "
+                    f"{int(seq_tokens[i])} tokens allocated")
+            computed = seq_tokens - new
+        else:
+            computed = _per_seq(num_computed_tokens, num_seqs, "num_computed_tokens")
+            if num_seqs and int(computed.min()) < 0:
+                raise InvalidArgumentError(
+                    f"num_computed_tokens must be >= 0, got {computed.tolist()}")
         seq_lens = computed + new
-        if num_seqs and (int(new.min()) < 0 or int(computed.min()) < 0):
-            raise InvalidArgumentError("num_new_tokens and num_computed_tokens must be >= 0, got "
-                                       f"{new.tolist()} and {computed.tolist()}")
         if num_seqs and bool((seq_lens > seq_tokens).any()):
             i = int(np.argmax(seq_lens > seq_tokens))
             raise InvalidArgumentError(

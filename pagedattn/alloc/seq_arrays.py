@@ -23,8 +23,9 @@ class SequenceArrays:
         last_block_tokens: ``[capacity, block_size]`` token ids of each sequence's last
             (partly filled) block, needed to hash it once it is full.
         maybe_shared: bool ``[capacity]``; ``False`` guarantees the sequence's last block is not
-            shared, so appending to it needs no copy-on-write check (set on fork/swap-in, cleared
-            once a check finds the block private).
+            shared, so appending to it needs no copy-on-write check. Set (``flag_maybe_shared``)
+            only for a partly filled last block, on fork or swap-in; cleared by the next append.
+        num_maybe_shared: number of set ``maybe_shared`` flags (0 lets a decode step skip them).
 
     Args:
         block_size: tokens per block.
@@ -41,6 +42,7 @@ class SequenceArrays:
         self.block_tables = np.full((capacity, width), pad_block_id, np.int32)
         self.last_block_tokens = np.zeros((capacity, block_size), TOKEN_DTYPE)
         self.maybe_shared = np.zeros(capacity, bool)
+        self.num_maybe_shared = 0
         self._free_rows = list(range(capacity - 1, -1, -1))
 
     @property
@@ -61,8 +63,20 @@ class SequenceArrays:
         """Return a row; it is reset so the next owner starts clean."""
         self.num_tokens[row] = 0
         self.block_tables[row] = self.pad_block_id
-        self.maybe_shared[row] = False
+        self.clear_maybe_shared(row)
         self._free_rows.append(row)
+
+    def flag_maybe_shared(self, row: int) -> None:
+        """Mark the row's (partly filled) last block as possibly shared."""
+        if not self.maybe_shared[row]:
+            self.maybe_shared[row] = True
+            self.num_maybe_shared += 1
+
+    def clear_maybe_shared(self, row: int) -> None:
+        """The row's last block is known private (or the row is going away)."""
+        if self.maybe_shared[row]:
+            self.maybe_shared[row] = False
+            self.num_maybe_shared -= 1
 
     def ensure_width(self, num_blocks: int) -> None:
         """Make room for ``num_blocks`` block-table columns."""
@@ -89,7 +103,6 @@ class SequenceArrays:
         self.num_tokens[dst] = self.num_tokens[src]
         self.block_tables[dst] = self.block_tables[src]
         self.last_block_tokens[dst] = self.last_block_tokens[src]
-        self.maybe_shared[dst] = self.maybe_shared[src]
 
     def _grow_rows(self) -> None:
         old = self.capacity

@@ -102,6 +102,7 @@ class SwapMixin:
             seq.blocks = [mapping[b.block_id] for b in seq.blocks]
             seq.swapped = True
             self.arrays.block_tables[seq.row] = self.arrays.pad_block_id
+            self.arrays.clear_maybe_shared(seq.row)
         self._epoch += 1
         return pairs
 
@@ -154,6 +155,7 @@ class SwapMixin:
             seq.swapped = False
             self.arrays.set_row(seq.row, [b.block_id for b in seq.blocks],
                                 int(self.arrays.num_tokens[seq.row]))
-            self.arrays.maybe_shared[seq.row] = True  # cleared by the next append's check
+            if self.arrays.num_tokens[seq.row] % self.block_size:
+                self.arrays.flag_maybe_shared(seq.row)  # cleared by the next append's check
         self._epoch += 1
         return pairs

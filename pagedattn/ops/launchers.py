@@ -23,7 +23,7 @@ DECODE_TUNING = {
     "target_waves": 4,            # when splitting, aim for this many programs per multiprocessor
     "min_tokens_per_split": 512,  # never split a context finer than this
     "num_warps": 4,
-    "num_stages": 3,
+    "num_stages": 2,
     "tile_n": None,               # None: chosen from head size and dtype
 }
 
