@@ -9,6 +9,7 @@ from pagedattn.ops.api import (
     allocate_kv_cache,
     copy_blocks,
     paged_decode_attention,
+    paged_prefill_attention,
     reshape_and_cache,
     swap_blocks,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "copy_blocks",
     "get_backend",
     "paged_decode_attention",
+    "paged_prefill_attention",
     "reshape_and_cache",
     "set_backend",
     "set_validation",

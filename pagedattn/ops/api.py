@@ -135,6 +135,68 @@ def paged_decode_attention(
     return (out, lse) if return_lse else out
 
 
+def paged_prefill_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    max_query_len: Optional[int] = None,
+    scale: Optional[float] = None,
+    sliding_window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    validate: bool = False,
+):
+    """Causal attention of many new tokens per sequence over a paged context (prefill, append,
+    chunked prefill, prefix-cache hits and mixed prefill + decode batches in one call).
+
+    Sequence ``s`` has ``q_len = cu_seqlens_q[s + 1] - cu_seqlens_q[s]`` new tokens, packed in
+    ``query[cu_seqlens_q[s]:cu_seqlens_q[s + 1]]``, and ``seq_lens[s]`` tokens of context in all,
+    the new ones included (their keys and values already written by :func:`reshape_and_cache`).
+    New token ``i`` sits at position ``seq_lens[s] - q_len + i`` and sees positions up to its own.
+
+    Args:
+        query: [num_tokens, num_heads, head_size], float16/bfloat16/float32, last dim contiguous.
+        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size] (see the module
+            docstring); ``num_heads`` a multiple of ``num_kv_heads``.
+        block_tables: [num_seqs, max_blocks_per_seq] int32.
+        seq_lens: [num_seqs] int32 total context lengths.
+        cu_seqlens_q: [num_seqs + 1] int32 cumulative query lengths (0 first, num_tokens last).
+        max_query_len: the longest ``q_len`` if known (picks tile shapes; 1 gives decode-shaped
+            tiles). A wrong hint only costs speed: every query is always computed.
+        scale, sliding_window, softcap, alibi_slopes: as in :func:`paged_decode_attention`
+            (the window and ALiBi are relative to each query's own position).
+        out: [num_tokens, num_heads, head_size] output (allocated when None).
+        lse: [num_tokens, num_heads] float32 log-sum-exp output (allocated when ``return_lse``).
+        return_lse: also return the log-sum-exp.
+        validate: check lengths, ``cu_seqlens_q`` and block ids (syncs the device).
+
+    Returns:
+        ``out``, or ``(out, lse)`` when ``return_lse``.
+    """
+    if not isinstance(query, torch.Tensor):
+        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+    if query.dim() != 3:
+        raise ValueError(f"query must have 3 dimensions [num_tokens, num_heads, head_size], got shape "
+                         f"{tuple(query.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if out is None:
+        out = torch.empty_like(query)
+    if return_lse and lse is None:
+        lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
+    torch.ops.pagedattn.paged_prefill(
+        out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, int(max_query_len or 0),
+        float(scale), int(sliding_window or 0), float(softcap or 0.0), alibi_slopes, lse, bool(validate))
+    return (out, lse) if return_lse else out
+
+
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       slot_mapping: torch.Tensor, *, validate: bool = False) -> None:
     """Write new tokens' keys and values into the paged caches.

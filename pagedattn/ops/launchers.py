@@ -15,6 +15,7 @@ import triton.language as tl
 
 from pagedattn.ops.triton_cache import copy_blocks_kernel, reshape_and_cache_kernel
 from pagedattn.ops.triton_decode import merge_splits_kernel, paged_decode_kernel
+from pagedattn.ops.triton_prefill import paged_prefill_kernel
 
 TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -176,5 +177,70 @@ def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]
         cache_ptrs, block_mapping, *block_mapping.stride(),
         first.shape[0], block_numel,
         DTYPE=TORCH_TO_TL[first.dtype], CHUNK=COPY_CHUNK,
+        **extra,
+    )
+
+
+#: Tuning knobs for the prefill kernel; the benchmarks overwrite them to sweep.
+PREFILL_TUNING = {
+    "block_m": 128,   # rows per program (query tokens x heads of a GQA group), at most
+    "tile_n": None,   # None: chosen from head size and dtype
+    "num_warps": None,
+    "num_stages": 2,
+}
+
+
+def prefill_tiles(head_size: int, group_size: int, max_query_len: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(GROUP_P, BLOCK_Q, TILE_N, num_warps): rows cover a GQA group times as many tokens as fit."""
+    group_p = triton.next_power_of_2(group_size)
+    block_d = triton.next_power_of_2(head_size)
+    max_rows = PREFILL_TUNING["block_m"] if block_d <= 128 else PREFILL_TUNING["block_m"] // 2
+    if dtype == torch.float32:
+        max_rows //= 2
+    # two tile classes only (decode-shaped rows, or full prefill tiles), to bound compiled variants
+    block_m = max(16, group_p) if group_p * max(1, max_query_len) <= 16 else max(max_rows, group_p)
+    block_q = max(1, block_m // group_p)
+    tile_n = PREFILL_TUNING["tile_n"] or (64 if block_d <= 128 else 32)
+    if dtype == torch.float32:
+        tile_n = max(16, tile_n // 2)
+    num_warps = PREFILL_TUNING["num_warps"] or (8 if block_q * group_p >= 128 else 4)
+    return group_p, block_q, tile_n, num_warps
+
+
+def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_query_len: int,
+                  scale: float, sliding_window: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+                  lse: Optional[torch.Tensor]) -> None:
+    num_tokens, num_heads, head_size = query.shape
+    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return
+    group_size = num_heads // num_kv_heads
+    hint = max_query_len if max_query_len > 0 else num_tokens
+    group_p, block_q, tile_n, num_warps = prefill_tiles(head_size, group_size, min(hint, num_tokens), query.dtype)
+    # sequence s owns programs cu[s] // BLOCK_Q + s ..., so this many cover every sequence
+    num_programs = num_tokens // block_q + num_seqs
+    lse_arg = lse if lse is not None else out
+    lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    alibi_arg = alibi_slopes if alibi_slopes is not None else out
+    extra = {} if query.device.type != "cuda" else {"num_warps": num_warps,
+                                                    "num_stages": PREFILL_TUNING["num_stages"]}
+    paged_prefill_kernel[(num_programs, num_kv_heads)](
+        query, *query.stride(),
+        key_cache, *key_cache.stride(),
+        value_cache, *value_cache.stride(),
+        block_tables, *block_tables.stride(),
+        seq_lens, cu_seqlens_q,
+        alibi_arg,
+        out, *out.stride(),
+        lse_arg, *lse_strides,
+        scale, softcap,
+        num_tokens, num_seqs, num_blocks, block_tables.shape[1], block_size.bit_length() - 1, group_size,
+        sliding_window,
+        HEAD_SIZE=head_size, BLOCK_D=triton.next_power_of_2(head_size), GROUP_P=group_p, BLOCK_Q=block_q,
+        TILE_N=tile_n,
+        USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
+        WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
         **extra,
     )

@@ -103,6 +103,35 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
             lse[i].copy_(l[0])
 
 
+def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
+                  sliding_window: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+                  lse: Optional[torch.Tensor]) -> None:
+    """Reference paged prefill; the arguments are those of ``torch.ops.pagedattn.paged_prefill``.
+
+    Query ranges are clamped like the kernel does: ``start = clamp(cu[s], 0, num_tokens)``,
+    ``end = clamp(cu[s + 1], start, num_tokens)``.
+    """
+    num_tokens = query.shape[0]
+    num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
+    capacity = block_tables.shape[1] * block_size
+    cu = cu_seqlens_q.to(torch.int64).tolist()
+    lens = seq_lens.to(torch.int64).clamp(0, capacity).tolist()
+    for i, seq_len in enumerate(lens):
+        start = min(max(cu[i], 0), num_tokens)
+        end = min(max(cu[i + 1], start), num_tokens)
+        if end == start:
+            continue
+        positions, slots = context_positions(seq_len, block_tables[i], block_size, num_blocks, 0)
+        blocks, offsets = (slots // block_size).to(key_cache.device), (slots % block_size).to(key_cache.device)
+        query_positions = torch.arange(seq_len - (end - start), seq_len, dtype=torch.int64)
+        o, l = attend(query[start:end], key_cache[blocks, offsets], value_cache[blocks, offsets], positions,
+                      query_positions, scale, softcap, alibi_slopes, sliding_window)
+        out[start:end].copy_(o)
+        if lse is not None:
+            lse[start:end].copy_(l)
+
+
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                       value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Reference cache write: ``cache[slot // block_size, slot % block_size] = new[token]``."""

@@ -26,11 +26,12 @@ def _launchers():
 # paged_decode
 # ---------------------------------------------------------------------------------------------
 
-def check_paged_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window,
-                       softcap, alibi_slopes, lse, max_seq_len, num_splits) -> None:
+def check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, softcap,
+                    alibi_slopes, lse, query_dims: str) -> int:
+    """Checks shared by the attention ops; returns ``num_seqs`` (the rows of ``seq_lens``)."""
     checks.check_tensor("query", query, ndim=3, dtypes=checks.SUPPORTED_DTYPES)
     num_blocks, block_size, num_kv_heads, head_size = checks.check_kv_cache(key_cache, value_cache)
-    num_seqs, num_heads, q_head_size = query.shape
+    num_rows, num_heads, q_head_size = query.shape
     checks.check_same_dtype("key_cache", key_cache, "query", query)
     checks.check_same_device("key_cache", key_cache, "query", query)
     if q_head_size != head_size:
@@ -42,9 +43,13 @@ def check_paged_decode(out, query, key_cache, value_cache, block_tables, seq_len
     checks.check_tensor("out", out, ndim=3)
     checks.check_same_dtype("out", out, "query", query)
     checks.check_same_device("out", out, "query", query)
-    checks.check_shape("out", out, query.shape, "[num_seqs, num_heads, head_size]")
+    checks.check_shape("out", out, query.shape, query_dims)
     checks.check_last_dim_contiguous("out", out)
 
+    checks.check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
+    checks.check_same_device("seq_lens", seq_lens, "query", query)
+    checks.check_contiguous("seq_lens", seq_lens)
+    num_seqs = seq_lens.shape[0]
     checks.check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,))
     checks.check_same_device("block_tables", block_tables, "query", query)
     if block_tables.shape[0] != num_seqs:
@@ -52,16 +57,10 @@ def check_paged_decode(out, query, key_cache, value_cache, block_tables, seq_len
                          f"got {tuple(block_tables.shape)}")
     if block_tables.shape[1] < 1:
         raise ValueError("block_tables must have at least one column (max_blocks_per_seq >= 1)")
-    checks.check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
-    checks.check_same_device("seq_lens", seq_lens, "query", query)
-    checks.check_shape("seq_lens", seq_lens, (num_seqs,), "[num_seqs]")
-    checks.check_contiguous("seq_lens", seq_lens)
 
     checks.check_float("scale", scale)
     checks.check_int("sliding_window", sliding_window, minimum=0)
     checks.check_float("softcap", softcap, minimum=0.0)
-    checks.check_int("max_seq_len", max_seq_len, minimum=0)
-    checks.check_int("num_splits", num_splits, minimum=0)
     if alibi_slopes is not None:
         checks.check_tensor("alibi_slopes", alibi_slopes, ndim=1, dtypes=(torch.float32,))
         checks.check_same_device("alibi_slopes", alibi_slopes, "query", query)
@@ -70,7 +69,19 @@ def check_paged_decode(out, query, key_cache, value_cache, block_tables, seq_len
     if lse is not None:
         checks.check_tensor("lse", lse, ndim=2, dtypes=(torch.float32,))
         checks.check_same_device("lse", lse, "query", query)
-        checks.check_shape("lse", lse, (num_seqs, num_heads), "[num_seqs, num_heads]")
+        checks.check_shape("lse", lse, (num_rows, num_heads), f"{query_dims[:query_dims.rindex(',')]}]")
+    return num_seqs
+
+
+def check_paged_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window,
+                       softcap, alibi_slopes, lse, max_seq_len, num_splits) -> None:
+    checks.check_tensor("query", query, ndim=3, dtypes=checks.SUPPORTED_DTYPES)
+    checks.check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,))
+    checks.check_shape("seq_lens", seq_lens, query.shape[:1], "[num_seqs] (one query token per sequence)")
+    check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, softcap,
+                    alibi_slopes, lse, "[num_seqs, num_heads, head_size]")
+    checks.check_int("max_seq_len", max_seq_len, minimum=0)
+    checks.check_int("num_splits", num_splits, minimum=0)
 
 
 @torch.library.custom_op("pagedattn::paged_decode", mutates_args=("out", "lse"))
@@ -97,6 +108,48 @@ def _paged_decode_fake(out, query, key_cache, value_cache, block_tables, seq_len
                        softcap, alibi_slopes, lse, max_seq_len, num_splits, validate) -> None:
     check_paged_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window,
                        softcap, alibi_slopes, lse, max_seq_len, num_splits)
+
+
+# ---------------------------------------------------------------------------------------------
+# paged_prefill
+# ---------------------------------------------------------------------------------------------
+
+def check_paged_prefill(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, max_query_len,
+                        scale, sliding_window, softcap, alibi_slopes, lse) -> None:
+    num_seqs = check_attention(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window,
+                               softcap, alibi_slopes, lse, "[num_tokens, num_heads, head_size]")
+    checks.check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtypes=(torch.int32,))
+    checks.check_same_device("cu_seqlens_q", cu_seqlens_q, "query", query)
+    checks.check_shape("cu_seqlens_q", cu_seqlens_q, (num_seqs + 1,), "[num_seqs + 1]")
+    checks.check_contiguous("cu_seqlens_q", cu_seqlens_q)
+    checks.check_int("max_query_len", max_query_len, minimum=0)
+
+
+@torch.library.custom_op("pagedattn::paged_prefill", mutates_args=("out", "lse"))
+def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_query_len: int,
+                  scale: float, sliding_window: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+                  lse: Optional[torch.Tensor], validate: bool) -> None:
+    """Paged prefill/append attention; see :func:`pagedattn.ops.paged_prefill_attention` for the arguments."""
+    check_paged_prefill(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, max_query_len,
+                        scale, sliding_window, softcap, alibi_slopes, lse)
+    if validate or config.validation_enabled():
+        validation.validate_seq_lens(seq_lens, block_tables.shape[1], key_cache.shape[1])
+        validation.validate_block_tables(block_tables, seq_lens, key_cache.shape[1], key_cache.shape[0])
+        validation.validate_cu_seqlens_q(cu_seqlens_q, seq_lens, query.shape[0], max_query_len)
+    if config.use_triton(query.device):
+        _launchers().paged_prefill(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
+                                   max_query_len, scale, sliding_window, softcap, alibi_slopes, lse)
+    else:
+        reference.paged_prefill(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                                sliding_window, softcap, alibi_slopes, lse)
+
+
+@paged_prefill.register_fake
+def _paged_prefill_fake(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, max_query_len,
+                        scale, sliding_window, softcap, alibi_slopes, lse, validate) -> None:
+    check_paged_prefill(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, max_query_len,
+                        scale, sliding_window, softcap, alibi_slopes, lse)
 
 
 # ---------------------------------------------------------------------------------------------

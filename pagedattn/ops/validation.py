@@ -52,3 +52,28 @@ def validate_block_mapping(block_mapping: torch.Tensor, num_src_blocks: int, num
         if bool(bad.any()):
             (i,) = _first(bad)
             raise ValueError(f"{name}[{i}] {col} block id {int(values[i])} is not in [0, {limit})")
+
+
+def validate_cu_seqlens_q(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int,
+                          max_query_len: int) -> None:
+    """cu_seqlens_q starts at 0, never decreases, ends at num_tokens; no sequence has more new
+    tokens than context; the max_query_len hint (when given) is not below a real length."""
+    cu = cu_seqlens_q.to(torch.int64).cpu()
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens_q[0] must be 0, got {int(cu[0])}")
+    if int(cu[-1]) != num_tokens:
+        raise ValueError(f"cu_seqlens_q[-1] must equal num_tokens = {num_tokens} (query rows), got {int(cu[-1])}")
+    q_lens = cu[1:] - cu[:-1]
+    bad = q_lens < 0
+    if bool(bad.any()):
+        (i,) = _first(bad)
+        raise ValueError(f"cu_seqlens_q must not decrease: cu_seqlens_q[{i + 1}] = {int(cu[i + 1])} < "
+                         f"cu_seqlens_q[{i}] = {int(cu[i])}")
+    lens = seq_lens.to(torch.int64).cpu()
+    bad = q_lens > lens
+    if bool(bad.any()):
+        (i,) = _first(bad)
+        raise ValueError(f"sequence {i} has {int(q_lens[i])} query tokens but seq_lens[{i}] = {int(lens[i])}: "
+                         "seq_lens counts the whole context, new tokens included")
+    if max_query_len > 0 and q_lens.numel() and int(q_lens.max()) > max_query_len:
+        raise ValueError(f"max_query_len = {max_query_len} is below the longest query ({int(q_lens.max())} tokens)")

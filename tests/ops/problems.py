@@ -6,6 +6,7 @@ sequence's length, or through a wrong block id, produces NaN and fails the compa
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -113,6 +114,50 @@ def run_decode_and_check(problem: DecodeProblem, dtype: torch.dtype, *, sliding_
     ref_lse = torch.empty(p.query.shape[:2], dtype=torch.float32, device=p.query.device)
     reference.paged_decode(ref_out, p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, scale,
                            sliding_window, softcap, p.alibi_slopes, ref_lse)
+    assert_close(out, ref_out, dtype, what)
+    if return_lse:
+        assert_lse_close(lse, ref_lse, what)
+    else:
+        assert torch.isnan(lse).all(), f"{what}: lse written although not asked for"
+
+
+@dataclass
+class PrefillProblem:
+    query: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_query_len: int
+    paged: DecodeProblem  # caches, block tables, seq_lens, alibi slopes
+
+
+def make_prefill_problem(seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int,
+                         head_size: int, block_size: int, dtype: torch.dtype, device: str, **kwargs) -> PrefillProblem:
+    """A paged context per sequence (NaN elsewhere) and ``query_lens[i]`` new tokens at its end."""
+    paged = make_decode_problem(seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype, device, **kwargs)
+    g = kwargs.get("generator")
+    num_tokens = sum(query_lens)
+    query = torch.randn((num_tokens, num_heads, head_size), generator=g).to(device=device, dtype=dtype)
+    cu = torch.tensor([0] + list(itertools.accumulate(query_lens)), dtype=torch.int32, device=device)
+    return PrefillProblem(query, cu, max(query_lens) if query_lens else 0, paged)
+
+
+def run_prefill_and_check(problem: PrefillProblem, dtype: torch.dtype, *, sliding_window: int = 0,
+                          softcap: float = 0.0, return_lse: bool = True, max_query_len: Optional[int] = -1,
+                          what: str = "") -> None:
+    """Run the prefill op (poisoned outputs) and the reference on the same inputs, and compare."""
+    from pagedattn.ops import paged_prefill_attention, reference
+
+    p, c = problem, problem.paged
+    scale = p.query.shape[-1] ** -0.5
+    out = torch.full_like(p.query, float("nan"))
+    lse = torch.full(p.query.shape[:2], float("nan"), dtype=torch.float32, device=p.query.device)
+    hint = p.max_query_len if max_query_len == -1 else max_query_len
+    paged_prefill_attention(p.query, c.key_cache, c.value_cache, c.block_tables, c.seq_lens, p.cu_seqlens_q,
+                            max_query_len=hint, scale=scale, sliding_window=sliding_window, softcap=softcap,
+                            alibi_slopes=c.alibi_slopes, out=out, lse=lse if return_lse else None)
+    ref_out = torch.empty(p.query.shape, dtype=torch.float32, device=p.query.device)
+    ref_lse = torch.empty(p.query.shape[:2], dtype=torch.float32, device=p.query.device)
+    reference.paged_prefill(ref_out, p.query, c.key_cache, c.value_cache, c.block_tables, c.seq_lens, p.cu_seqlens_q,
+                            scale, sliding_window, softcap, c.alibi_slopes, ref_lse)
     assert_close(out, ref_out, dtype, what)
     if return_lse:
         assert_lse_close(lse, ref_lse, what)

@@ -27,6 +27,12 @@ def main() -> None:
             out, lse = ops.paged_decode_attention(query, kc, vc, tables, lens, num_splits=num_splits, return_lse=True,
                                                   alibi_slopes=slopes, sliding_window=block_size + 3, softcap=3.0)
             assert torch.isfinite(out).all()
+        cu = torch.tensor([0, 3, 2, 10**6, 7], dtype=torch.int32, device="cuda")  # garbage, clamped
+        for hint in (0, 1):
+            out = ops.paged_prefill_attention(query[:, :, :].repeat(2, 1, 1)[:7], kc, vc, tables, lens, cu,
+                                              max_query_len=hint, alibi_slopes=slopes, sliding_window=5, softcap=2.0,
+                                              return_lse=True)[0]
+            assert not torch.isnan(out).any()
         slots = torch.tensor([0, -1, num_blocks * block_size, 2**40, block_size + 1], device="cuda")
         new = torch.randn(5, 2, head, device="cuda", dtype=dtype)
         ops.reshape_and_cache(new, new, kc, vc, slots)

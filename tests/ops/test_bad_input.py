@@ -53,6 +53,18 @@ def call_swap(src=None, dst=None, block_mapping=None):
                     block_mapping if block_mapping is not None else torch.tensor([[0, 1]]))
 
 
+def call_prefill(**overrides):
+    kc, vc = ops.allocate_kv_cache(8, 4, 2, 64, torch.float32, "cpu")
+    kc.normal_()
+    vc.normal_()
+    args = dict(query=torch.randn(6, 4, 64), block_tables=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+                seq_lens=torch.tensor([5, 8], dtype=torch.int32), cu_seqlens_q=torch.tensor([0, 2, 6], dtype=torch.int32))
+    kwargs = {k: overrides.pop(k) for k in list(overrides) if k not in args}
+    args.update(overrides)
+    return ops.paged_prefill_attention(args["query"], kc, vc, args["block_tables"], args["seq_lens"],
+                                       args["cu_seqlens_q"], **kwargs)
+
+
 kc_nhd, vc_nhd = ops.allocate_kv_cache(8, 4, 2, 64, torch.float32, "cpu", layout="NHD")
 
 CASES = [
@@ -162,6 +174,26 @@ CASES = [
      "layout must be one of ('NHD', 'HND')"),
     ("allocate bad block size", lambda: ops.allocate_kv_cache(4, 12, 2, 64, torch.float32, "cpu"), ValueError,
      "block_size must be a power of two from 1 to 256, got 12"),
+    ("prefill cu_seqlens_q int64", lambda: call_prefill(cu_seqlens_q=torch.tensor([0, 2, 6])), TypeError,
+     "cu_seqlens_q must have dtype int32"),
+    ("prefill cu_seqlens_q wrong length", lambda: call_prefill(cu_seqlens_q=torch.tensor([0, 6], dtype=torch.int32)),
+     ValueError, "cu_seqlens_q must have shape [num_seqs + 1] = (3,)"),
+    ("prefill out wrong shape", lambda: call_prefill(out=torch.empty(5, 4, 64)), ValueError,
+     "out must have shape [num_tokens, num_heads, head_size]"),
+    ("prefill lse wrong shape", lambda: call_prefill(lse=torch.empty(2, 4)), ValueError,
+     "lse must have shape [num_tokens, num_heads] = (6, 4)"),
+    ("prefill negative hint", lambda: call_prefill(max_query_len=-3), ValueError, "max_query_len must be >= 0"),
+    ("prefill cu not ending at num_tokens (validate)",
+     lambda: call_prefill(cu_seqlens_q=torch.tensor([0, 2, 5], dtype=torch.int32), validate=True),
+     ValueError, "cu_seqlens_q[-1] must equal num_tokens = 6"),
+    ("prefill cu decreasing (validate)",
+     lambda: call_prefill(cu_seqlens_q=torch.tensor([0, 7, 6], dtype=torch.int32), validate=True),
+     ValueError, "cu_seqlens_q must not decrease"),
+    ("prefill more queries than context (validate)",
+     lambda: call_prefill(seq_lens=torch.tensor([1, 8], dtype=torch.int32), validate=True),
+     ValueError, "sequence 0 has 2 query tokens but seq_lens[0] = 1"),
+    ("prefill hint below the longest query (validate)", lambda: call_prefill(max_query_len=3, validate=True),
+     ValueError, "max_query_len = 3 is below the longest query (4 tokens)"),
     ("unknown backend", lambda: config.set_backend("cuda-graph"), ValueError, "backend must be one of"),
 ]
 

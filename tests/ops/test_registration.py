@@ -51,6 +51,21 @@ def test_opcheck_paged_decode(device, backend):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_paged_prefill(device, backend):
+    from tests.ops.problems import make_prefill_problem
+
+    g = torch.Generator().manual_seed(3)
+    p = make_prefill_problem([6, 9], [6, 2], 4, 2, 64, 4, torch.float32, device, alibi=True, generator=g)
+    c = p.paged
+    c.key_cache.nan_to_num_(0.0)
+    c.value_cache.nan_to_num_(0.0)
+    for lse in (torch.empty(p.query.shape[:2], device=device), None):
+        args = (torch.empty_like(p.query), p.query, c.key_cache, c.value_cache, c.block_tables, c.seq_lens,
+                p.cu_seqlens_q, 6, 0.125, 4, 2.0, c.alibi_slopes, lse, False)
+        torch.library.opcheck(torch.ops.pagedattn.paged_prefill.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_reshape_and_cache(device, backend):
     torch.library.opcheck(torch.ops.pagedattn.reshape_and_cache.default, (*cache_args(device), False))
 
@@ -76,6 +91,10 @@ def step(query, key, value, key_cache, value_cache, slots, block_tables, seq_len
     ops.reshape_and_cache(key, value, key_cache, value_cache, slots)
     out, lse = ops.paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, sliding_window=6,
                                           softcap=3.0, return_lse=True)
+    cu_seqlens_q = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
+    out_prefill = ops.paged_prefill_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
+                                              max_query_len=1, sliding_window=6, softcap=3.0)
+    out = out + out_prefill
     ops.copy_blocks([key_cache], [value_cache], mapping)
     ops.swap_blocks(key_cache, cpu_cache, swap_map)
     return out * 2, lse

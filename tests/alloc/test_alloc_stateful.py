@@ -1,0 +1,444 @@
+"""Random operation sequences against the block manager (hypothesis ``RuleBasedStateMachine``).
+
+Rules: allocate, prefix-hit allocate (a seen prompt's prefix, same or other salt), eviction
+pressure, append (copy-on-write included), batched decode append, fork, free, swap out/in,
+batch metadata, and every bad input (double free, unknown/freed sequence, fork into an existing
+id, swapping the wrong way, running out of blocks), the last ones asserting the state unchanged.
+
+Checked after *every* operation, independently of the manager's own ``check_invariants`` (which
+runs too): free + used = total on both pools; each ref count equals the number of block tables
+holding the block; no block is both free and in use; the hash map matches the blocks and every
+cached block's key is the documented SHA-256 chain of the holders' tokens and salt; shared
+blocks hold the same tokens at the same position; the free queue changes in LRU order (blocks
+taken for new content are the oldest free ones, survivors keep their order, freed blocks join at
+the tail last block first) and evictions are counted; the figures stay in range. At teardown
+everything is freed and all blocks must be free with ref count 0.
+
+CI volume: 20 seeds, each asserting >= 5,000 executed operations (>= 100,000 in total).
+``PAGEDATTN_ALLOC_LONG=1`` runs ten times as many (50 seeds, four times the examples each).
+"""
+
+import copy
+import functools
+import hashlib
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, seed, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
+                                 run_state_machine_as_test)
+
+from pagedattn.alloc import (BlockManager, DoubleFreeError, DuplicateSequenceError,
+                             FreedSequenceError, OutOfBlocksError, SwapError,
+                             UnknownSequenceError, encode_extra_keys, snapshot_state)
+
+LONG = os.environ.get("PAGEDATTN_ALLOC_LONG", "") not in ("", "0")
+NUM_SEEDS = 50 if LONG else 20
+MIN_OPS_PER_SEED = 20_000 if LONG else 5_000
+MAX_EXAMPLES = 48 if LONG else 12
+STEPS_PER_EXAMPLE = 500
+
+# (block_size, num_gpu_blocks, num_cpu_blocks, enable_prefix_caching), chosen by seed.
+CONFIGS = [(4, 16, 8, True), (2, 12, 6, True), (3, 20, 10, True), (1, 10, 4, True),
+           (4, 24, 12, True), (2, 14, 6, False)]
+EXTRAS = [None, ("tenant-a",), ("tenant-b", 7)]
+VOCAB = 3  # few distinct tokens: prompts share blocks often
+
+OPS = Counter()  # seed -> operations executed
+
+
+@functools.lru_cache(maxsize=4096)
+def reference_keys(tokens: tuple, block_size: int, extra_keys):
+    """The documented chain: [(block_key, block_hash)] per full block."""
+    parent = hashlib.sha256(b"pagedattn.alloc.root/1\x00" + encode_extra_keys(extra_keys)).digest()
+    out = []
+    data = np.asarray(tokens, dtype="<i4").tobytes()
+    stride = 4 * block_size
+    for i in range(len(tokens) // block_size):
+        key = parent + data[i * stride:(i + 1) * stride]
+        parent = hashlib.sha256(key).digest()
+        out.append((key, parent))
+    return out
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def token_lists(max_size):
+    """Token lists drawn as (length, number) and spelled in base VOCAB: two draws, not n."""
+    return st.tuples(st.integers(0, max_size), st.integers(0, VOCAB ** max_size - 1)).map(
+        lambda t: [(t[1] // VOCAB ** i) % VOCAB for i in range(t[0])])
+
+
+def shuffled(items, seed_value):
+    items = list(items)
+    random.Random(seed_value).shuffle(items)
+    return items
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    def __init__(self, seed_id: int):
+        super().__init__()
+        self.seed_id = seed_id
+        bs, gpu, cpu, caching = CONFIGS[seed_id % len(CONFIGS)]
+        self.bs = bs
+        self.mgr = BlockManager(gpu, bs, cpu, enable_prefix_caching=caching, watermark=0.0)
+        self.tokens: dict[int, list[int]] = {}
+        self.extra: dict[int, tuple | None] = {}
+        self.swapped: set[int] = set()
+        self.freed: list[int] = []
+        self.prompts: list[tuple[list[int], tuple | None]] = []
+        self.next_id = 0
+        self.expected_tail = None  # (pool name, block ids the last op must have appended)
+        self._remember_queues()
+
+    # ------------------------------------------------------------------------- helpers
+    def count(self):
+        OPS[self.seed_id] += 1
+
+    def running(self):
+        return sorted(s for s in self.tokens if s not in self.swapped)
+
+    def new_id(self):
+        self.next_id += 1
+        return self.next_id
+
+    def _remember_queues(self):
+        self.prev = {}
+        for name, pool in (("gpu", self.mgr.gpu_pool), ("cpu", self.mgr.cpu_pool)):
+            self.prev[name] = ([b.block_id for b in pool.free_block_queue],
+                               [b.block_key for b in pool.blocks], pool.num_evictions)
+
+    def expect_unchanged(self, fn, error, match=None, before=None):
+        before = snapshot_state(self.mgr) if before is None else before
+        with pytest.raises(error, match=match) as e:
+            fn()
+        assert snapshot_state(self.mgr) == before
+        return e.value
+
+    def expected_hits(self, tokens, extra):
+        if not self.mgr.enable_prefix_caching:
+            return []
+        cached, enc, hits = self.mgr.gpu_pool.cached_blocks, encode_extra_keys(extra), []
+        for key, _ in reference_keys(tuple(tokens), self.bs, extra)[: (len(tokens) - 1) // self.bs]:
+            block = cached.get(key)
+            if block is None or block.extra_keys != enc:
+                break
+            hits.append(block)
+        return hits
+
+    def do_allocate(self, tokens, extra):
+        sid = self.new_id()
+        hits = self.expected_hits(tokens, extra)
+        need = cdiv(len(tokens), self.bs) - len(hits) + sum(b.ref_cnt == 0 for b in hits)
+        if need > self.mgr.num_free_blocks:
+            self.expect_unchanged(lambda: self.mgr.allocate(sid, tokens, extra), OutOfBlocksError,
+                                  f"cannot allocate sequence {sid}")
+            return
+        assert self.mgr.allocate(sid, tokens, extra) == len(hits) * self.bs
+        assert self.mgr.get_block_table(sid)[: len(hits)] == [b.block_id for b in hits]
+        self.tokens[sid], self.extra[sid] = list(tokens), extra
+        self.prompts = (self.prompts + [(list(tokens), extra)])[-12:]
+
+    # --------------------------------------------------------------------------- rules
+    @rule(tokens=token_lists(14), extra=st.sampled_from(EXTRAS))
+    def allocate(self, tokens, extra):
+        self.count()
+        self.do_allocate(tokens, extra)
+
+    @precondition(lambda self: self.prompts)
+    @rule(pick=st.integers(0, 1 << 16), cut=st.integers(0, 4),
+          tail=token_lists(5), same_salt=st.booleans())
+    def allocate_prefix_hit(self, pick, cut, tail, same_salt):
+        self.count()
+        tokens, extra = self.prompts[pick % len(self.prompts)]
+        if not same_salt:
+            extra = EXTRAS[(EXTRAS.index(extra) + 1) % len(EXTRAS)]
+        self.do_allocate(tokens[: cut * self.bs] + tail, extra)
+
+    @rule(slack=st.integers(-1, 2), base=st.integers(100, 10_000))
+    def eviction_pressure(self, slack, base):
+        """A fresh prompt about the size of the free pool: takes (evicts) cached free blocks."""
+        self.count()
+        n = max(0, (self.mgr.num_free_blocks + slack) * self.bs - 1)
+        self.do_allocate([base + i for i in range(n)], None)
+
+    @precondition(lambda self: self.running())
+    @rule(pick=st.integers(0, 1 << 16), new=token_lists(6).filter(bool))
+    def append(self, pick, new):
+        self.count()
+        running = self.running()
+        sid = running[pick % len(running)]
+        n, table = len(self.tokens[sid]), self.mgr.get_block_table(sid)
+        cow = n % self.bs != 0 and self.mgr.gpu_pool.blocks[table[-1]].ref_cnt > 1
+        need = cdiv(n + len(new), self.bs) - cdiv(n, self.bs) + cow
+        if need > self.mgr.num_free_blocks:
+            self.expect_unchanged(lambda: self.mgr.append_slots(sid, new), OutOfBlocksError,
+                                  f"cannot append {len(new)} token")
+            return
+        pairs = self.mgr.append_slots(sid, new)
+        after = self.mgr.get_block_table(sid)
+        if cow:
+            assert pairs == [(table[-1], after[len(table) - 1])]
+            assert after[: len(table) - 1] == table[:-1]
+        else:
+            assert pairs == [] and after[: len(table)] == table
+        self.tokens[sid].extend(new)
+
+    @precondition(lambda self: self.running())
+    @rule(order=st.integers(0, 1 << 32), size=st.integers(1, 8), new=st.integers(0, 2))
+    def append_batch(self, order, size, new):
+        self.count()
+        seqs = shuffled(self.running(), order)[:size]
+        tokens = [(new + i) % VOCAB for i in range(len(seqs))]
+        try:
+            twin = copy.deepcopy(self.mgr)
+            expected = [p for s, t in zip(seqs, tokens) for p in twin.append_slots(s, t)]
+        except OutOfBlocksError:
+            self.expect_unchanged(lambda: self.mgr.append_slots_batch(seqs, tokens),
+                                  OutOfBlocksError, "append a token to each of")
+            return
+        assert self.mgr.append_slots_batch(seqs, tokens) == expected
+        assert snapshot_state(self.mgr)["gpu"] == snapshot_state(twin)["gpu"]
+        for s, t in zip(seqs, tokens):
+            self.tokens[s].append(t)
+
+    @precondition(lambda self: self.running())
+    @rule(pick=st.integers(0, 1 << 16))
+    def fork(self, pick):
+        self.count()
+        running = self.running()
+        parent = running[pick % len(running)]
+        child = self.new_id()
+        refs = [self.mgr.gpu_pool.blocks[b].ref_cnt for b in self.mgr.get_block_table(parent)]
+        self.mgr.fork(parent, child)
+        assert self.mgr.get_block_table(child) == self.mgr.get_block_table(parent)
+        assert [self.mgr.gpu_pool.blocks[b].ref_cnt for b in self.mgr.get_block_table(child)] \
+            == [r + 1 for r in refs]
+        self.tokens[child], self.extra[child] = list(self.tokens[parent]), self.extra[parent]
+
+    @precondition(lambda self: self.tokens)
+    @rule(pick=st.integers(0, 1 << 16))
+    def free(self, pick):
+        self.count()
+        live = sorted(self.tokens)
+        sid = live[pick % len(live)]
+        swapped = sid in self.swapped
+        pool = self.mgr.cpu_pool if swapped else self.mgr.gpu_pool
+        table = self.mgr.get_block_table(sid)
+        self.expected_tail = ("cpu" if swapped else "gpu",
+                              [b for b in reversed(table) if pool.blocks[b].ref_cnt == 1])
+        self.mgr.free(sid)
+        del self.tokens[sid], self.extra[sid]
+        self.swapped.discard(sid)
+        self.freed = (self.freed + [sid])[-8:]
+
+    @precondition(lambda self: self.running())
+    @rule(order=st.integers(0, 1 << 32), size=st.integers(1, 3))
+    def swap_out(self, order, size):
+        self.count()
+        group = shuffled(self.running(), order)[:size]
+        distinct = list(dict.fromkeys(b for s in group for b in self.mgr.get_block_table(s)))
+        if len(distinct) > self.mgr.num_free_cpu_blocks:
+            assert not self.mgr.can_swap_out(group)
+            self.expect_unchanged(lambda: self.mgr.swap_out(group), OutOfBlocksError,
+                                  "cannot swap out sequences")
+            return
+        tables = {s: self.mgr.get_block_table(s) for s in group}
+        pairs = self.mgr.swap_out(group)
+        assert [g for g, _ in pairs] == distinct
+        cpu_of = dict(pairs)
+        for s in group:
+            assert self.mgr.get_block_table(s) == [cpu_of[b] for b in tables[s]]
+        self.swapped.update(group)
+
+    @precondition(lambda self: self.swapped)
+    @rule(order=st.integers(0, 1 << 32), size=st.integers(1, 3))
+    def swap_in(self, order, size):
+        self.count()
+        group = shuffled(sorted(self.swapped), order)[:size]
+        cpu, gpu = self.mgr.cpu_pool, self.mgr.gpu_pool
+        distinct = list(dict.fromkeys(b for s in group for b in self.mgr.get_block_table(s)))
+        revived = {}
+        for b in distinct:
+            key = cpu.blocks[b].block_key
+            hit = gpu.cached_blocks.get(key) if key is not None and gpu.enable_caching else None
+            if hit is not None and hit.extra_keys == cpu.blocks[b].extra_keys:
+                revived[b] = hit
+        need = len(distinct) - len(revived) + len({h.block_id for h in revived.values()
+                                                   if h.ref_cnt == 0})
+        if need > self.mgr.num_free_blocks:
+            self.expect_unchanged(lambda: self.mgr.swap_in(group), OutOfBlocksError,
+                                  "cannot swap in sequences")
+            return
+        tables = {s: self.mgr.get_block_table(s) for s in group}
+        pairs = self.mgr.swap_in(group)
+        assert [c for c, _ in pairs] == [b for b in distinct if b not in revived]
+        gpu_of = dict(pairs) | {c: h.block_id for c, h in revived.items()}
+        for s in group:
+            assert self.mgr.get_block_table(s) == [gpu_of[b] for b in tables[s]]
+        self.swapped.difference_update(group)
+
+    @precondition(lambda self: self.running())
+    @rule(order=st.integers(0, 1 << 32), size=st.integers(1, 6),
+          prefill=st.booleans())
+    def metadata(self, order, size, prefill):
+        self.count()
+        rng = random.Random(order)
+        seqs = [s for s in self.running() if self.tokens[s]]
+        rng.shuffle(seqs)
+        seqs = seqs[:size]
+        num_new = [rng.randint(0, len(self.tokens[s])) for s in seqs] if prefill else 1
+        meta = self.mgr.build_metadata(seqs, num_new)
+        slots, bs = [], self.bs
+        for i, s in enumerate(seqs):
+            table, n = self.mgr.get_block_table(s), len(self.tokens[s])
+            k = num_new[i] if prefill else 1
+            slots += [table[p // bs] * bs + p % bs for p in range(n - k, n)]
+            assert meta.block_tables[i, : len(table)].tolist() == table
+        assert meta.slot_mapping.tolist() == slots
+
+    # ---------------------------------------------------------------------- bad input
+    @precondition(lambda self: self.freed)
+    @rule(pick=st.integers(0, 1 << 16))
+    def double_free(self, pick):
+        self.count()
+        sid = self.freed[pick % len(self.freed)]
+        if sid in self.tokens:
+            return
+        before = snapshot_state(self.mgr)
+        self.expect_unchanged(lambda: self.mgr.free(sid), DoubleFreeError, "already freed", before)
+        self.expect_unchanged(lambda: self.mgr.append_slots(sid, [1]), FreedSequenceError,
+                              f"cannot append to sequence {sid}: it was freed", before)
+        self.expect_unchanged(lambda: self.mgr.fork(sid, self.next_id + 1), FreedSequenceError,
+                              "it was freed", before)
+        self.expect_unchanged(lambda: self.mgr.swap_out([sid]), FreedSequenceError, "was freed",
+                              before)
+
+    @rule(sid=st.integers(-50, -1))
+    def unknown_sequence(self, sid):
+        self.count()
+        before = snapshot_state(self.mgr)
+        for fn in (lambda: self.mgr.free(sid), lambda: self.mgr.append_slots(sid, [0]),
+                   lambda: self.mgr.fork(sid, self.next_id + 1),
+                   lambda: self.mgr.swap_in([sid]), lambda: self.mgr.build_metadata([sid])):
+            error = self.expect_unchanged(fn, UnknownSequenceError,
+                                          f"sequence {sid}: it was never", before)
+            assert type(error) is UnknownSequenceError
+
+    @precondition(lambda self: len(self.tokens) >= 1)
+    @rule(pick=st.integers(0, 1 << 16), other=st.integers(0, 1 << 16))
+    def duplicate_ids(self, pick, other):
+        self.count()
+        live = sorted(self.tokens)
+        sid, existing = live[pick % len(live)], live[other % len(live)]
+        self.expect_unchanged(lambda: self.mgr.allocate(existing, [0]), DuplicateSequenceError,
+                              f"cannot allocate sequence {existing}: it is already allocated")
+        if sid not in self.swapped:
+            self.expect_unchanged(lambda: self.mgr.fork(sid, existing), DuplicateSequenceError,
+                                  f"into {existing}: {existing} already exists")
+
+    @precondition(lambda self: self.tokens)
+    @rule(pick=st.integers(0, 1 << 16))
+    def wrong_swap_direction(self, pick):
+        self.count()
+        live = sorted(self.tokens)
+        sid = live[pick % len(live)]
+        if sid in self.swapped:
+            self.expect_unchanged(lambda: self.mgr.swap_out([sid]), SwapError, "is swapped out")
+            self.expect_unchanged(lambda: self.mgr.append_slots(sid, [0]), SwapError,
+                                  "is swapped out")
+        else:
+            self.expect_unchanged(lambda: self.mgr.swap_in([sid]), SwapError,
+                                  "is running on the GPU")
+
+    # ---------------------------------------------------------------------- invariants
+    @invariant()
+    def consistent(self):
+        mgr, bs = self.mgr, self.bs
+        mgr.check_invariants()
+        holders = {"gpu": Counter(), "cpu": Counter()}
+        position = {}
+        for sid, tokens in self.tokens.items():
+            table = mgr.get_block_table(sid)
+            assert mgr.get_num_tokens(sid) == len(tokens) and len(table) == cdiv(len(tokens), bs)
+            assert mgr.is_swapped(sid) == (sid in self.swapped)
+            device = "cpu" if sid in self.swapped else "gpu"
+            pool = mgr.cpu_pool if device == "cpu" else mgr.gpu_pool
+            holders[device].update(table)
+            refs = reference_keys(tuple(tokens), bs, self.extra[sid])
+            for i, b in enumerate(table):
+                # A shared block holds the same prefix (hence the same KV) at the same position:
+                # full blocks compare by the reference chain hash, the last one by its tokens.
+                prefix = refs[i][1] if i < len(refs) else (self.extra[sid], tuple(tokens))
+                assert position.setdefault((device, b), (i, prefix)) == (i, prefix)
+                block = pool.blocks[b]
+                if block.block_key is not None:
+                    assert i < len(refs) and (block.block_key, block.block_hash) == refs[i]
+        for device, pool in (("gpu", mgr.gpu_pool), ("cpu", mgr.cpu_pool)):
+            free = [b.block_id for b in pool.free_block_queue]
+            used = [b.block_id for b in pool.blocks if b.ref_cnt > 0]
+            assert len(free) + len(used) == pool.num_blocks == len(pool.blocks)
+            assert not set(free) & set(used)
+            assert pool.num_free_blocks == len(free)
+            for b in pool.blocks:
+                assert b.ref_cnt == holders[device][b.block_id]
+            self.check_lru(device, pool, free)
+        for key, block in mgr.gpu_pool.cached_blocks.items():
+            assert block.block_key == key and hashlib.sha256(key).digest() == block.block_hash
+        assert sum(b.block_key is not None for b in mgr.gpu_pool.blocks) \
+            == len(mgr.gpu_pool.cached_blocks)
+        assert 0.0 <= mgr.kv_utilization() <= 1.0 and 0.0 <= mgr.prefix_cache_hit_rate <= 1.0
+        assert mgr.usage == pytest.approx(len(holders["gpu"]) / mgr.num_gpu_blocks)
+        self.expected_tail = None
+        self._remember_queues()
+
+    def check_lru(self, device, pool, free):
+        prev_free, prev_keys, prev_evictions = self.prev[device]
+        now = set(free)
+        removed = [b for b in prev_free if b not in now]
+        # Revived by a prefix hit (kept its cache identity) vs taken for new content.
+        revived = {b for b in removed
+                   if prev_keys[b] is not None and pool.blocks[b].block_key == prev_keys[b]}
+        taken = [b for b in removed if b not in revived]
+        oldest = [b for b in prev_free if b not in revived]
+        assert taken == oldest[: len(taken)], f"{device}: took {taken}, LRU order is {oldest}"
+        survivors = [b for b in prev_free if b in now]
+        assert free[: len(survivors)] == survivors, f"{device}: free queue reordered"
+        appended = free[len(survivors):]
+        if self.expected_tail is not None and self.expected_tail[0] == device:
+            assert appended == self.expected_tail[1], "freed blocks must join last block first"
+        evicted = sum(prev_keys[b] is not None for b in taken)
+        assert pool.num_evictions - prev_evictions == (evicted if device == "gpu" else 0)
+
+    def teardown(self):
+        for sid in list(self.tokens):
+            self.mgr.free(sid)
+        self.tokens.clear()
+        self.mgr.check_invariants()
+        for pool in (self.mgr.gpu_pool, self.mgr.cpu_pool):
+            assert pool.num_free_blocks == pool.num_blocks
+            assert all(b.ref_cnt == 0 for b in pool.blocks)
+        assert self.mgr.num_seqs == 0 and self.mgr.usage == 0.0
+
+
+@pytest.mark.parametrize("seed_id", range(NUM_SEEDS))
+def test_random_operations(seed_id):
+    OPS[seed_id] = 0
+
+    def factory():
+        return AllocatorMachine(seed_id)
+
+    run_state_machine_as_test(
+        seed(seed_id)(factory),
+        settings=settings(max_examples=MAX_EXAMPLES, stateful_step_count=STEPS_PER_EXAMPLE,
+                          deadline=None, database=None, derandomize=False,
+                          phases=[Phase.generate, Phase.shrink],
+                          suppress_health_check=list(HealthCheck)))
+    assert OPS[seed_id] >= MIN_OPS_PER_SEED, (
+        f"seed {seed_id} ran only {OPS[seed_id]} operations, fewer than {MIN_OPS_PER_SEED}")
