@@ -29,9 +29,9 @@ def main() -> None:
             assert torch.isfinite(out).all()
         cu = torch.tensor([0, 3, 2, 10**6, 7], dtype=torch.int32, device="cuda")  # garbage, clamped
         for hint in (0, 1):
-            out = ops.paged_prefill_attention(query[:, :, :].repeat(2, 1, 1)[:7], kc, vc, tables, lens, cu,
-                                              max_query_len=hint, alibi_slopes=slopes, sliding_window=5, softcap=2.0,
-                                              return_lse=True)[0]
+            q7 = query.repeat(2, 1, 1)[:7]
+            out = ops.paged_prefill_attention(q7, kc, vc, tables, lens, cu, max_query_len=hint, alibi_slopes=slopes,
+                                              sliding_window=5, softcap=2.0, out=torch.zeros_like(q7))
             assert not torch.isnan(out).any()
         slots = torch.tensor([0, -1, num_blocks * block_size, 2**40, block_size + 1], device="cuda")
         new = torch.randn(5, 2, head, device="cuda", dtype=dtype)
