@@ -17,5 +17,10 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   start=$(date +%s)
   timeout "$bench_timeout" python3 bench/bench_ops.py ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   echo "bench rc=$? in $(( $(date +%s) - start ))s"; tail -45 "$OUT/bench.log"
+  if [ "${SKIP_PREFILL_BENCH:-0}" != 1 ]; then
+    start=$(date +%s)
+    timeout "${PREFILL_BENCH_TIMEOUT:-120}" python3 bench/bench_prefill.py > "$OUT/bench_prefill.log" 2>&1
+    echo "bench_prefill rc=$? in $(( $(date +%s) - start ))s"; tail -25 "$OUT/bench_prefill.log"
+  fi
   mkdir -p "$OUT/results" && cp -r bench/results/. "$OUT/results/"
 fi

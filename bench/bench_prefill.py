@@ -1,0 +1,361 @@
+#!/usr/bin/env python
+"""Benchmark of paged prefill attention on one GPU, against SDPA on the same data laid out contiguously.
+
+    python bench/bench_prefill.py            # full run (< 90 s on an H100): bench/results/<card>/prefill.json
+                                             # and the prefill figures of bench/results/summary.json
+    python bench/bench_prefill.py --dry-run  # CPU plumbing check: tiny shapes, Triton interpreter, temp dir
+    pytest bench/bench_prefill.py --benchmark-only   # pytest-benchmark entries (skipped without CUDA)
+
+Shapes: bf16, 32 query / 8 KV heads, head 128, block 16, blocks randomly permuted. Sections (each fails on
+its own, its error kept in the JSON): physical limits (bench_ops), 8 x 2048 new tokens against causal SDPA,
+8 x (1536 cached + 512 new) against bottom-right causal SDPA, a mixed prefill + decode batch, and q_len-1
+rows through the prefill op against the decode op. Every SDPA backend tried is first checked against a
+float32 reference (sequence 0), and every result of ours against SDPA; a figure is written only from a
+validated result. Timings are bench_ops.timeit (CUDA-graph replays by default).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and "--dry-run" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton decorates the kernels
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention.bias import causal_lower_right  # noqa: E402
+
+import bench.bench_ops as bo  # noqa: E402  (bo.DEV is rebound by --dry-run)
+from bench.bench_ops import (DRY, FULL, TIMING, TOL, _synced, card_slug, fill_caches, free, make_case,  # noqa: E402
+                             max_diff, needs_cuda, ours_fn, rec, sdpa, sec_physical, sync, timeit)
+from pagedattn.ops import DEFAULT_LAYOUT, get_backend, paged_prefill_attention, set_backend  # noqa: E402
+
+
+PFULL = SimpleNamespace(**{**vars(FULL), "prefill": (8, 2048, 0), "prefix": (8, 512, 1536),
+                           "mixed": (4, 512, 1024, 60, 2048), "decode_main": (FULL.seqs, FULL.seq_len)})
+PDRY = SimpleNamespace(**{**vars(DRY), "prefill": (2, 64, 0), "prefix": (2, 16, 48),
+                          "mixed": (2, 16, 16, 3, 64), "decode_main": (2, 64)})
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def ref_attention(q, k, v):
+    """float32 attention of one sequence, bottom-right causal: q [H, n, D], k/v [kvh, L, D] -> [H, n, D]."""
+    H, n, D = q.shape
+    kvh, L, _ = k.shape
+    qg = q.float().reshape(kvh, H // kvh * n, D)
+    s = (qg @ k.float().transpose(-1, -2) * D ** -0.5).view(kvh, H // kvh, n, L)
+    s.masked_fill_(~torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n), float("-inf"))
+    return (s.softmax(-1).view(kvh, -1, L) @ v.float()).reshape(H, n, D)
+
+
+def tol_of(ref) -> float:
+    """bf16 tolerance relative to the output's magnitude."""
+    return TOL * max(1.0, ref.float().abs().max().item())
+
+
+def check(out, ref) -> dict:
+    d, t = max_diff(out, ref), tol_of(ref)
+    return {"max_abs_diff": d, "tol": t, "ok": bool(d <= t)}  # NaN compares False
+
+
+def timed(fn, sh):
+    """bench_ops.timeit; when a CUDA graph cannot be captured, eager timing (recorded as such)."""
+    try:
+        return timeit(fn, sh), TIMING["mode"] if bo.DEV.type == "cuda" else "cpu wall clock"
+    except Exception as e:  # noqa: BLE001
+        if bo.DEV.type != "cuda" or TIMING["mode"] != "graph":
+            raise
+        saved, TIMING["mode"] = TIMING["mode"], "eager"
+        try:
+            return timeit(fn, sh), f"eager (graph capture failed: {type(e).__name__}: {str(e)[:150]})"
+        finally:
+            TIMING["mode"] = saved
+
+
+def visible_pairs(q_lens, seq_lens) -> int:
+    """(query, key) pairs under bottom-right causal masking, summed over sequences."""
+    return sum(n * (L - n) + n * (n + 1) // 2 for n, L in zip(q_lens, seq_lens))
+
+
+def tflops(pairs, ms, sh) -> float:
+    return 4 * sh.heads * sh.head_size * pairs / (ms * 1e-3) / 1e12
+
+
+def prefill_fn(q, kc, vc, bt, lens, cu, max_q):
+    out = torch.empty_like(q)
+    return lambda: paged_prefill_attention(q, kc, vc, bt, lens, cu, max_query_len=max_q, out=out)
+
+
+def cu_of(q_lens):
+    return torch.tensor([0] + q_lens, dtype=torch.int32, device=bo.DEV).cumsum(0, dtype=torch.int32)
+
+
+def pick_sdpa(q, k, v, candidates):
+    """First SDPA candidate that runs and matches the float32 reference on sequence 0: (name, fn, ctx, out)."""
+    ref0 = ref_attention(q[0], k[0], v[0])
+    tried = {}
+    for name, ctx, fn in candidates:
+        try:
+            with ctx():
+                out = fn()
+            sync()
+            c = check(out[0], ref0)
+            if c["ok"]:
+                return name, fn, ctx, out, tried
+            tried[name] = f"wrong result: {c}"
+        except Exception as e:  # noqa: BLE001
+            tried[name] = f"refused: {type(e).__name__}: {str(e)[:200]}"
+    raise RuntimeError(f"no SDPA backend gave a correct result: {tried}")
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+def sec_vs_sdpa(r, sh, shape):
+    """Ours on S sequences of `new` tokens over `prefix` cached ones, against SDPA on contiguous K/V."""
+    S, new, prefix = shape
+    L, H, D = prefix + new, sh.heads, sh.head_size
+    q = torch.randn(S, H, new, D, dtype=sh.dtype, device=bo.DEV)
+    k = torch.randn(S, sh.kv_heads, L, D, dtype=sh.dtype, device=bo.DEV)
+    v = torch.randn_like(k)
+    kc, vc, bt = fill_caches(k, v, sh.block, DEFAULT_LAYOUT)
+    lens = torch.full((S,), L, dtype=torch.int32, device=bo.DEV)
+    qp = q.transpose(1, 2).reshape(S * new, H, D)  # packed varlen
+    pairs = visible_pairs([new] * S, [L] * S)
+    r["shape"] = {"seqs": S, "new_tokens": new, "prefix": prefix, "seq_len": L, "heads": H, "kv_heads": sh.kv_heads,
+                  "head_size": D, "block_size": sh.block, "dtype": str(sh.dtype), "layout": DEFAULT_LAYOUT,
+                  "visible_pairs": pairs}
+    flash, eff = (lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)), (lambda: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION))
+    if prefix == 0:
+        f = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+        cands = [("flash, is_causal", flash, f), ("default, is_causal", contextlib.nullcontext, f)]
+    else:
+        bias = causal_lower_right(new, L)
+        mask = torch.ones(new, L, dtype=torch.bool, device=bo.DEV).tril(L - new)
+        fb = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)  # noqa: E731
+        fm = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
+        cands = [("flash, causal_lower_right", flash, fb), ("efficient, causal_lower_right", eff, fb),
+                 ("default, boolean mask", contextlib.nullcontext, fm)]
+    name, fn, ctx, ref, tried = pick_sdpa(q, k, v, cands)
+    with ctx():
+        ms, mode = timed(fn, sh)
+    r["sdpa"] = {"ms": ms, "backend": name, "not_used": tried, "timing": mode, "TFLOPs": tflops(pairs, ms, sh)}
+    ours = prefill_fn(qp, kc, vc, bt, lens, cu_of([new] * S), new)
+    r["validation"] = check(ours().view(S, new, H, D).transpose(1, 2), ref)
+    if not r["validation"]["ok"]:
+        r["validation"]["FAILED"] = "ours differs from SDPA: timings are worthless"
+        print("!!! VALIDATION FAILED:", r["validation"], flush=True)
+    ms, mode = timed(ours, sh)
+    r["ours"] = {"ms": ms, "timing": mode, "TFLOPs": tflops(pairs, ms, sh)}
+    r["ours_vs_sdpa"] = ms / r["sdpa"]["ms"]
+
+
+def sec_mixed(r, sh):
+    """P sequences prefilling `new` tokens over `prefix` + Dn decoding one token over `ctx`, in one call;
+    then the decode rows alone through the decode op and through the prefill op with q_len 1."""
+    P, new, prefix, Dn, ctx = sh.mixed
+    assert prefix + new <= ctx
+    S, H, D = P + Dn, sh.heads, sh.head_size
+    k = torch.randn(S, sh.kv_heads, ctx, D, dtype=sh.dtype, device=bo.DEV)
+    v = torch.randn_like(k)
+    kc, vc, bt = fill_caches(k, v, sh.block, DEFAULT_LAYOUT)
+    q_lens, seq_lens = [new] * P + [1] * Dn, [prefix + new] * P + [ctx] * Dn
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=bo.DEV)
+    q = torch.randn(sum(q_lens), H, D, dtype=sh.dtype, device=bo.DEV)
+    cu, starts = cu_of(q_lens), [sum(q_lens[:i]) for i in range(S + 1)]
+    ref = torch.cat([ref_attention(q[starts[i]:starts[i + 1]].transpose(0, 1), k[i, :, :seq_lens[i]],
+                                   v[i, :, :seq_lens[i]]).transpose(0, 1) for i in range(S)])
+    pairs = visible_pairs(q_lens, seq_lens)
+    r["shape"] = {"prefill_seqs": P, "new_tokens": new, "prefix": prefix, "decode_seqs": Dn, "decode_ctx": ctx,
+                  "num_tokens": q.shape[0], "visible_pairs": pairs}
+    mixed = prefill_fn(q, kc, vc, bt, lens, cu, new)
+    r["validation"] = check(mixed(), ref)
+    ms, mode = timed(mixed, sh)
+    r["mixed"] = {"ms": ms, "timing": mode, "TFLOPs": tflops(pairs, ms, sh)}
+    npf = P * new
+    part = prefill_fn(q[:npf], kc, vc, bt[:P], lens[:P], cu[:P + 1], new)
+    r["prefill_part_validation"] = check(part(), ref[:npf])
+    r["prefill_part"] = dict(zip(("ms", "timing"), timed(part, sh)))
+    kv_bytes = 2 * Dn * ctx * sh.kv_heads * D * k.element_size()
+    dec = SimpleNamespace(q=q[npf:], kc=kc, vc=vc, bt=bt[P:], lens=lens[P:], L=ctx, S=Dn, kv_bytes=kv_bytes)
+    r["decode_rows"] = q1_vs_decode(dec, ref[npf:], sh)
+    r["mixed_vs_separate"] = ms / (r["prefill_part"]["ms"] + r["decode_rows"]["decode_op"]["ms"])
+    r["ok"] = all(x["ok"] for x in (r["validation"], r["prefill_part_validation"], r["decode_rows"]["decode_op"],
+                                    r["decode_rows"]["prefill_q1"]))
+
+
+def q1_vs_decode(c, ref, sh) -> dict:
+    """The same q_len-1 rows through paged_decode_attention and paged_prefill_attention(max_query_len=1)."""
+    out = {}
+    for name, fn in (("decode_op", ours_fn(c)),
+                     ("prefill_q1", prefill_fn(c.q, c.kc, c.vc, c.bt, c.lens, cu_of([1] * c.S), 1))):
+        chk = check(fn(), ref)
+        ms, mode = timed(fn, sh)
+        out[name] = rec(ms, c.kv_bytes, timing=mode, **chk)
+    out["prefill_q1_vs_decode"] = out["prefill_q1"]["ms"] / out["decode_op"]["ms"]
+    return out
+
+
+def sec_decode_main(r, sh):
+    """q_len-1 rows at bench_ops' main decode shape."""
+    S, L = sh.decode_main
+    c = make_case(S, L, sh.block, DEFAULT_LAYOUT, sh)
+    r["shape"] = {"seqs": S, "seq_len": L}
+    r.update(q1_vs_decode(c, sdpa(c.q, c.k, c.v), sh))
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def figures(res) -> dict:
+    """The three headline figures, each only from validated results."""
+    out = {}
+    for sec, name in (("prefill", "prefill_vs_sdpa"), ("prefill_prefix", "prefill_prefix_vs_sdpa")):
+        x = res.get(sec, {})
+        if x.get("validation", {}).get("ok") and "ours_vs_sdpa" in x:
+            out[name] = (x["ours_vs_sdpa"], "<= 1.2")
+    rows = [res.get("mixed", {}).get("decode_rows", {}), res.get("decode_main", {})]
+    rows = [x for x in rows if "prefill_q1_vs_decode" in x]
+    if rows and all(x["decode_op"]["ok"] and x["prefill_q1"]["ok"] for x in rows):
+        out["prefill_q1_vs_decode"] = (max(x["prefill_q1_vs_decode"] for x in rows), "<= 1.1")  # the worst shape
+    return out
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(res, figs):
+    p = res.get("physical", {})
+    mm = p.get("matmul_bf16", {}).get("TFLOPs")
+    print(f"\n== {res['card']}  torch {res['torch']}  triton {res['triton']}  backend {res['backend']}  "
+          f"({res['total_seconds']:.0f} s)   bf16 matmul {fmt(mm, '.0f')} TFLOP/s")
+    print(f"{'case':<22}{'ours ms':>9}{'sdpa ms':>9}{'ratio':>7}{'ours TF':>9}{'sdpa TF':>9}{'/mm':>6}  sdpa backend")
+    for sec in ("prefill", "prefill_prefix"):
+        x = res.get(sec, {})
+        if "ours" in x:
+            o, s = x["ours"], x["sdpa"]
+            bad = "" if x["validation"]["ok"] else f"  VALIDATION FAILED {x['validation']}"
+            print(f"{sec:<22}{fmt(o['ms']):>9}{fmt(s['ms']):>9}{fmt(x['ours_vs_sdpa'], '.2f'):>7}"
+                  f"{fmt(o['TFLOPs'], '.0f'):>9}{fmt(s['TFLOPs'], '.0f'):>9}{fmt(o['TFLOPs'] / mm if mm else None, '.2f'):>6}"
+                  f"  {s['backend']}{bad}")
+    m = res.get("mixed", {})
+    if "mixed" in m:
+        print(f"mixed {m['shape']['prefill_seqs']}x{m['shape']['new_tokens']}+{m['shape']['decode_seqs']}x1: "
+              f"{fmt(m['mixed']['ms'])} ms ({fmt(m['mixed']['TFLOPs'], '.0f')} TFLOP/s), separate calls "
+              f"{fmt(m['prefill_part']['ms'])} + {fmt(m.get('decode_rows', {}).get('decode_op', {}).get('ms'))} ms, "
+              f"mixed/separate {fmt(m.get('mixed_vs_separate'), '.2f')}{'' if m.get('ok') else '  VALIDATION FAILED'}")
+    for name, x in (("mixed decode rows", m.get("decode_rows", {})), ("decode main shape", res.get("decode_main", {}))):
+        if "prefill_q1_vs_decode" in x:
+            d, p1 = x["decode_op"], x["prefill_q1"]
+            ok = "" if d["ok"] and p1["ok"] else "  WRONG RESULT"
+            print(f"{name:<18}: decode op {fmt(d['ms'])} ms ({fmt(d['copy_bw_fraction'], '.2f')} bw), prefill q1 "
+                  f"{fmt(p1['ms'])} ms, ratio {fmt(x['prefill_q1_vs_decode'], '.2f')}{ok}")
+    for sec, x in res.items():
+        if isinstance(x, dict) and "error" in x:
+            print(f"SECTION {sec} FAILED: {x['error'][:200]}")
+    print("figures:", {k: round(v, 3) for k, (v, _) in figs.items()})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter, temp dir")
+    ap.add_argument("--backend", default=None, help="pagedattn backend (default: auto; triton in --dry-run)")
+    ap.add_argument("--out", default=None, help="results directory (default bench/results/<card>)")
+    ap.add_argument("--timing", choices=["graph", "eager"], default="graph",
+                    help="time CUDA-graph replays (device time, the default) or eager calls")
+    args = ap.parse_args(argv)
+    TIMING["mode"] = args.timing
+    sh = PDRY if args.dry_run else PFULL
+    if args.dry_run:
+        bo.DEV = torch.device("cpu")
+    elif bo.DEV.type != "cuda":
+        sys.exit("no CUDA device: use --dry-run for a CPU plumbing check")
+    set_backend(args.backend or ("triton" if args.dry_run else "auto"))
+    torch.manual_seed(0)
+    from bench.summary import card_name, update_figures
+
+    card = card_name()
+    res = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
+           "device": str(bo.DEV), "dry_run": args.dry_run, "timing": args.timing, "backend": get_backend()}
+    t_start = time.perf_counter()
+    sections = [("physical", sec_physical, ()), ("prefill", sec_vs_sdpa, (sh.prefill,)),
+                ("prefill_prefix", sec_vs_sdpa, (sh.prefix,)), ("mixed", sec_mixed, ()),
+                ("decode_main", sec_decode_main, ())]
+    for name, fn, extra in sections:
+        t0 = time.perf_counter()
+        r = res[name] = {}
+        try:
+            fn(r, sh, *extra)
+        except Exception as e:  # noqa: BLE001
+            r["error"] = f"{type(e).__name__}: {e}"
+            r["traceback"] = traceback.format_exc(limit=6)
+        free()
+        r["seconds"] = time.perf_counter() - t0
+        print(f"[{name}] {r['seconds']:.1f} s{'  ERROR ' + r['error'] if 'error' in r else ''}", flush=True)
+    res["total_seconds"] = time.perf_counter() - t_start
+    mm = res["physical"].get("matmul_bf16", {}).get("TFLOPs")
+    for x in (res["prefill"].get("ours"), res["prefill"].get("sdpa"), res["prefill_prefix"].get("ours"),
+              res["prefill_prefix"].get("sdpa"), res["mixed"].get("mixed")):
+        if x and mm:
+            x["matmul_fraction"] = x["TFLOPs"] / mm
+
+    out_dir = Path(args.out) if args.out else (
+        Path(tempfile.mkdtemp(prefix="bench_prefill_")) if args.dry_run else ROOT / "bench" / "results") / card_slug(card)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = figures(res)
+    res["figures"] = {k: {"value": v, "goal": g} for k, (v, g) in figs.items()}
+    (out_dir / "prefill.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    command = "python bench/bench_prefill.py"
+    if args.dry_run:
+        update_figures(figs, card=card, command=command + " --dry-run", path=out_dir / "summary.json")
+    elif figs:
+        update_figures(figs, card=card, command=command)
+    print_table(res, figs)
+    print(f"wrote {out_dir / 'prefill.json'}")
+    return res
+
+
+# --------------------------------------------------------------------------------------------- pytest-benchmark
+
+def _prefill_case(S, new, prefix, sh=PFULL):
+    L = prefix + new
+    k = torch.randn(S, sh.kv_heads, L, sh.head_size, dtype=sh.dtype, device="cuda")
+    kc, vc, bt = fill_caches(k, torch.randn_like(k), sh.block, DEFAULT_LAYOUT)
+    q = torch.randn(S * new, sh.heads, sh.head_size, dtype=sh.dtype, device="cuda")
+    lens = torch.full((S,), L, dtype=torch.int32, device="cuda")
+    cu = torch.arange(S + 1, dtype=torch.int32, device="cuda") * new
+    return prefill_fn(q, kc, vc, bt, lens, cu, new)
+
+
+@needs_cuda
+def test_prefill_main(benchmark):
+    benchmark(_synced(_prefill_case(*PFULL.prefill)))
+
+
+@needs_cuda
+def test_prefill_prefix(benchmark):
+    benchmark(_synced(_prefill_case(*PFULL.prefix)))
+
+
+@needs_cuda
+def test_prefill_q1(benchmark):
+    benchmark(_synced(_prefill_case(FULL.seqs, 1, FULL.seq_len - 1)))
+
+
+if __name__ == "__main__":
+    main()
