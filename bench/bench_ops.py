@@ -293,6 +293,12 @@ def sec_long(r, sh):
             sd, ref = time_sdpa(c, sh)
             row["sdpa"] = sd
             row.update(decode_variant({}, "x", c, ref, sd["ms"], sh))
+            if DEV.type == "cuda":
+                sweep = row["variants"] = {}
+                for waves in (8, 16):
+                    decode_variant(sweep, f"target_waves_{waves}", c, ref, sd["ms"], sh,
+                                   tuning={"target_waves": waves})
+                    print(f"  long {S}x{L} target_waves {waves}: {sweep[f'target_waves_{waves}']}", flush=True)
             del c, ref
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {e}"

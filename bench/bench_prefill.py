@@ -162,6 +162,36 @@ def sec_vs_sdpa(r, sh, shape):
     ms, mode = timed(ours, sh)
     r["ours"] = {"ms": ms, "timing": mode, "TFLOPs": tflops(pairs, ms, sh)}
     r["ours_vs_sdpa"] = ms / r["sdpa"]["ms"]
+    if bo.DEV.type == "cuda":
+        r["tuning"] = tuning_sweep(qp, kc, vc, bt, lens, cu_of([new] * S), new, ref, S, H, D, pairs, sh,
+                                   r["sdpa"]["ms"])
+
+
+PREFILL_VARIANTS = ({"tile_n": 128}, {"num_stages": 3}, {"num_stages": 4}, {"num_warps": 4}, {"block_m": 64},
+                    {"tile_n": 128, "num_stages": 3}, {"tile_n": 32, "num_stages": 3})
+
+
+def tuning_sweep(qp, kc, vc, bt, lens, cu, new, ref, S, H, D, pairs, sh, sdpa_ms) -> dict:
+    """PREFILL_TUNING variants one at a time around the defaults, each validated before it is timed."""
+    from pagedattn.ops import launchers
+
+    rows = {}
+    for variant in PREFILL_VARIANTS:
+        name = "_".join(f"{k}{v}" for k, v in variant.items())
+        saved = dict(launchers.PREFILL_TUNING)
+        try:
+            launchers.PREFILL_TUNING.update(variant)
+            fn = prefill_fn(qp, kc, vc, bt, lens, cu, new)
+            valid = check(fn().view(S, new, H, D).transpose(1, 2), ref)
+            ms, _ = timed(fn, sh)
+            rows[name] = {"ms": ms, "vs_sdpa": ms / sdpa_ms, "TFLOPs": tflops(pairs, ms, sh), "ok": valid["ok"]}
+        except Exception as e:  # noqa: BLE001
+            rows[name] = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            launchers.PREFILL_TUNING.clear()
+            launchers.PREFILL_TUNING.update(saved)
+        print(f"  prefill variant {name}: {rows[name]}", flush=True)
+    return rows
 
 
 def sec_mixed(r, sh):
