@@ -7,6 +7,7 @@ that a failing call left the manager exactly as it was.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,11 @@ if TYPE_CHECKING:
     from pagedattn.alloc.block_pool import BlockPool
 
 __all__ = ["check_invariants", "check_pool", "snapshot_state"]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _sha256(data: bytes) -> bytes:  # memoized: the same keys are re-checked on every call
+    return hashlib.sha256(data).digest()
 
 
 def _fail(message: str) -> None:
@@ -60,7 +66,7 @@ def check_pool(pool: BlockPool, holders: Counter) -> None:
                 _fail(f"{name} block {bid} has a key but the hash map does not point to it")
             if not pool.enable_caching and block.ref_cnt == 0:
                 _fail(f"{name} block {bid} is free but keeps a cache identity")
-            if hashlib.sha256(block.block_key).digest() != block.block_hash:
+            if _sha256(block.block_key) != block.block_hash:
                 _fail(f"{name} block {bid}: block_hash is not SHA-256 of its key")
         elif block.block_hash is not None or block.extra_keys is not None:
             _fail(f"{name} block {bid} has a hash or extra keys but no key")

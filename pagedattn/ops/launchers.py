@@ -21,7 +21,7 @@ TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 
 #: Tuning knobs for the decode kernel; the benchmarks overwrite them to sweep.
 DECODE_TUNING = {
-    "target_waves": 4,            # when splitting, aim for this many programs per multiprocessor
+    "target_waves": 8,            # when splitting, aim for this many programs per multiprocessor
     "min_tokens_per_split": 512,  # never split a context finer than this
     "num_warps": 4,
     "num_stages": 2,
@@ -186,7 +186,7 @@ PREFILL_TUNING = {
     "block_m": 128,   # rows per program (query tokens x heads of a GQA group), at most
     "tile_n": None,   # None: chosen from head size and dtype
     "num_warps": None,
-    "num_stages": 2,
+    "num_stages": 3,
 }
 
 
