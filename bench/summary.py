@@ -63,3 +63,25 @@ def update_figures(figures: dict[str, tuple[float, str]], card: str, command: st
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def render_table(path: Path = SUMMARY_PATH) -> str:
+    """The summary as a Markdown table (the README shows it between its figures-table markers)."""
+    figures = json.loads(path.read_text())["figures"]
+    rows = ["| figure | value | goal | card | date |", "| --- | --- | --- | --- | --- |"]
+    for name, f in figures.items():
+        rows.append(f"| `{name}` | {f['value']:g} | {f['goal']} | {f['card']} | {f['date']} |")
+    return "\n".join(rows)
+
+
+def update_readme(readme: Path = RESULTS_DIR.parent.parent / "README.md") -> None:
+    """Rewrite the README's table between ``<!-- figures-table -->`` and ``<!-- /figures-table -->``."""
+    text = readme.read_text()
+    start, end = "<!-- figures-table -->", "<!-- /figures-table -->"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{render_table()}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    update_readme()
