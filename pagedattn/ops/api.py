@@ -70,6 +70,21 @@ def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_
     return caches[0], caches[1]
 
 
+def _attention_defaults(query, query_dims: str, scale, out, lse, return_lse: bool):
+    """Fill in the default scale and allocate ``out`` (and ``lse`` when asked for)."""
+    if not isinstance(query, torch.Tensor):
+        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+    if query.dim() != 3:
+        raise ValueError(f"query must have 3 dimensions {query_dims}, got shape {tuple(query.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if out is None:
+        out = torch.empty_like(query)
+    if return_lse and lse is None:
+        lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
+    return scale, out, lse
+
+
 def paged_decode_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -117,17 +132,7 @@ def paged_decode_attention(
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse``.
     """
-    if not isinstance(query, torch.Tensor):
-        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
-    if scale is None:
-        if query.dim() != 3:
-            raise ValueError(f"query must have 3 dimensions [num_seqs, num_heads, head_size], got shape "
-                             f"{tuple(query.shape)}")
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    if out is None:
-        out = torch.empty_like(query)
-    if return_lse and lse is None:
-        lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
+    scale, out, lse = _attention_defaults(query, "[num_seqs, num_heads, head_size]", scale, out, lse, return_lse)
     torch.ops.pagedattn.paged_decode(
         out, query, key_cache, value_cache, block_tables, seq_lens, float(scale),
         int(sliding_window or 0), float(softcap or 0.0), alibi_slopes, lse,
@@ -180,17 +185,7 @@ def paged_prefill_attention(
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse``.
     """
-    if not isinstance(query, torch.Tensor):
-        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
-    if query.dim() != 3:
-        raise ValueError(f"query must have 3 dimensions [num_tokens, num_heads, head_size], got shape "
-                         f"{tuple(query.shape)}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    if out is None:
-        out = torch.empty_like(query)
-    if return_lse and lse is None:
-        lse = torch.empty(query.shape[:2], dtype=torch.float32, device=query.device)
+    scale, out, lse = _attention_defaults(query, "[num_tokens, num_heads, head_size]", scale, out, lse, return_lse)
     torch.ops.pagedattn.paged_prefill(
         out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, int(max_query_len or 0),
         float(scale), int(sliding_window or 0), float(softcap or 0.0), alibi_slopes, lse, bool(validate))
