@@ -8,7 +8,7 @@ Two headline figures:
   cache) followed by ``build_metadata`` (padded int32 block tables + int64 slot mapping).
   Goal <= 0.2 ms median.
 * ``alloc_prompt_ms``: allocating 256 prompts of 512 tokens (block size 16, prefix caching on)
-  into a warm pool: every full block is SHA-256-hashed, looked up and registered, and cached
+  into a warm pool: every full block is hashed (BLAKE2b), looked up and registered, and cached
   blocks of earlier rounds are evicted. The prompts are distinct (no prefix hits: the whole
   cost of prefix caching, none of its benefit). Goal <= 5 ms median.
 

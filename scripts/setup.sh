@@ -12,9 +12,12 @@ stamp="$venv/.pagedattn-installed"
 want="$(cat "$root/pyproject.toml" "$root/scripts/constraints.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing into $venv (first run takes a few minutes)" >&2
+  pip_install() {  # quiet, minus this machine's notes about index folders it does not have
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$root/scripts/constraints.txt" "$@" \
+      2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  }
   # torch first, pinned, so no other requirement pulls a multi-GB CUDA build
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$root/scripts/constraints.txt" torch
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$root/scripts/constraints.txt" \
-    -e "$root[test,hf]"
+  pip_install torch
+  pip_install -e "$root[test,hf]"
   echo "$want" > "$stamp"
 fi

@@ -18,26 +18,12 @@ Example::
 from pagedattn.alloc.block import FreeKVCacheBlockQueue, KVCacheBlock
 from pagedattn.alloc.block_manager import AllocStatus, BlockManager, SequenceState
 from pagedattn.alloc.block_pool import BlockPool
-from pagedattn.alloc.errors import (
-                                    AllocatorError,
-                                    DoubleFreeError,
-                                    DuplicateSequenceError,
-                                    FreedSequenceError,
-                                    InvalidArgumentError,
-                                    InvariantViolation,
-                                    OutOfBlocksError,
-                                    SwapError,
-                                    UnknownSequenceError,
-)
-from pagedattn.alloc.hashing import (
-                                    BLOCK_HASH_BYTES,
-                                    TOKEN_DTYPE,
-                                    as_token_array,
-                                    encode_extra_keys,
-                                    hash_block_tokens,
-                                    hash_token_blocks,
-                                    root_hash,
-)
+from pagedattn.alloc.errors import (AllocatorError, DoubleFreeError, DuplicateSequenceError,
+                                    FreedSequenceError, InvalidArgumentError, InvariantViolation,
+                                    OutOfBlocksError, SwapError, UnknownSequenceError)
+from pagedattn.alloc.hashing import (BLOCK_HASH_BYTES, TOKEN_DTYPE, as_token_array,
+                                     encode_extra_keys, hash_block_tokens, hash_token_blocks,
+                                     root_hash)
 from pagedattn.alloc.invariants import check_invariants, snapshot_state
 from pagedattn.alloc.metadata import PAD_SLOT_ID, BatchMetadata, build_batch_metadata
 from pagedattn.alloc.seq_arrays import SequenceArrays

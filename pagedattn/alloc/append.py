@@ -13,13 +13,13 @@ These methods are mixed into :class:`~pagedattn.alloc.block_manager.BlockManager
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pagedattn.alloc.errors import InvalidArgumentError
+from pagedattn.alloc import hashing
 from pagedattn.alloc.hashing import as_token_array
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AppendMixin"]
 
-_sha256 = hashlib.sha256
+_hash_fn = hashing._hash_fn
 
 
 class AppendMixin:
@@ -218,5 +218,5 @@ class AppendMixin:
         if existing is not None and existing.extra_keys == seq.extra_keys:
             seq.last_hash = existing.block_hash
             return
-        seq.last_hash = _sha256(key).digest()
+        seq.last_hash = _hash_fn(key).digest()
         self.gpu_pool.cache_block(block, key, seq.last_hash, seq.extra_keys)

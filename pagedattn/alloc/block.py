@@ -24,7 +24,7 @@ class KVCacheBlock:
     Attributes:
         block_id: index of the block in its pool (and in the KV-cache tensor).
         ref_cnt: number of block tables holding the block; 0 means it is in the free queue.
-        block_hash: SHA-256 digest identifying the block's content and its whole prefix, set
+        block_hash: BLAKE2b digest identifying the block's content and its whole prefix, set
             while the block is registered in the prefix cache, else ``None``.
         block_key: the exact bytes that were hashed (parent hash + token ids); the prefix-cache
             map is keyed by it, so a hit compares content byte for byte. ``None`` when uncached.

@@ -12,7 +12,6 @@ manager exactly as it was.
 from __future__ import annotations
 
 import enum
-import hashlib
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pagedattn.alloc.append import AppendMixin
+from pagedattn.alloc.figures import FiguresMixin
 from pagedattn.alloc.block import KVCacheBlock
 from pagedattn.alloc.block_pool import BlockPool
 from pagedattn.alloc.errors import (
@@ -31,6 +31,7 @@ from pagedattn.alloc.errors import (
     SwapError,
     UnknownSequenceError,
 )
+from pagedattn.alloc import hashing
 from pagedattn.alloc.hashing import TOKEN_DTYPE, as_token_array, encode_extra_keys, root_hash
 from pagedattn.alloc.metadata import BatchMetadata, build_batch_metadata
 from pagedattn.alloc.seq_arrays import SequenceArrays
@@ -38,7 +39,7 @@ from pagedattn.alloc.swap import SwapMixin
 
 __all__ = ["AllocStatus", "BlockManager", "SequenceState"]
 
-_sha256 = hashlib.sha256
+_hash_fn = hashing._hash_fn
 
 
 class AllocStatus(enum.Enum):
@@ -70,7 +71,7 @@ class SequenceState:
     swapped: bool = False
 
 
-class BlockManager(AppendMixin, SwapMixin):
+class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
     """Paged KV-cache allocator: block tables, copy-on-write, prefix caching and swapping.
 
     Args:
@@ -111,57 +112,6 @@ class BlockManager(AppendMixin, SwapMixin):
         self._batch_key: tuple | None = None
         self._batch_epoch = -1
         self._batch_rows = np.zeros(0, np.intp)
-
-    # ------------------------------------------------------------------------------ figures
-    @property
-    def num_gpu_blocks(self) -> int:
-        return self.gpu_pool.num_blocks
-
-    @property
-    def num_cpu_blocks(self) -> int:
-        return self.cpu_pool.num_blocks
-
-    @property
-    def num_free_blocks(self) -> int:
-        """Free GPU blocks (cached ones included: they are evictable)."""
-        return self.gpu_pool.num_free_blocks
-
-    @property
-    def num_free_cpu_blocks(self) -> int:
-        return self.cpu_pool.num_free_blocks
-
-    @property
-    def usage(self) -> float:
-        """Fraction of GPU blocks in use."""
-        return self.gpu_pool.usage
-
-    @property
-    def num_evictions(self) -> int:
-        """Cached GPU blocks evicted (taken from the free queue for new content) so far."""
-        return self.gpu_pool.num_evictions
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        """Prompt tokens served from the prefix cache / prompt tokens allocated (0.0 if none)."""
-        return self._num_hit_tokens / self._num_query_tokens if self._num_query_tokens else 0.0
-
-    def kv_utilization(self) -> float:
-        """Token slots holding tokens / token slots of the GPU blocks in use (0.0 if none).
-
-        A block shared by several sequences counts once; only a sequence's last block can be
-        partly filled, so the waste is below one block per distinct last block.
-        """
-        used = self.gpu_pool.num_used_blocks
-        if used == 0:
-            return 0.0
-        bs = self.block_size
-        partial: dict[int, int] = {}
-        for seq in self._seqs.values():
-            fill = int(self.arrays.num_tokens[seq.row]) % bs
-            if fill and not seq.swapped:
-                partial[seq.blocks[-1].block_id] = fill
-        filled = (used - len(partial)) * bs + sum(partial.values())
-        return filled / (used * bs)
 
     # ------------------------------------------------------------------------------ queries
     def __contains__(self, seq_id: Hashable) -> bool:
@@ -246,18 +196,19 @@ class BlockManager(AppendMixin, SwapMixin):
                 last_hash = block.block_hash
                 offset += stride
         num_new = num_blocks - len(hits)
-        num_revived = sum(1 for b in hits if b.ref_cnt == 0)
+        num_revived = sum(1 for b in hits if b.ref_cnt == 0) if hits else 0
         if num_new + num_revived > pool.num_free_blocks:
             pool.check_available(num_new + num_revived,
                                  f"allocate sequence {seq_id!r} ({num_tokens} tokens)")
         # -- mutation starts here: nothing below can fail.
-        pool.touch(hits)
+        if hits:
+            pool.touch(hits)
         new_blocks = pool.get_new_blocks(num_new)
         if caching:
             # Hash and register the new full blocks (blocks past the partial tail are skipped
             # by zip's stop at the shorter range). A key already cached by another block (a
             # block past a miss, or the prompt's last block) keeps its block; reuse its hash.
-            setdefault, sha = cached.setdefault, _sha256
+            setdefault, sha = cached.setdefault, _hash_fn
             for block, offset in zip(new_blocks, range(offset, num_full * stride, stride)):
                 key = last_hash + data[offset:offset + stride]
                 holder = setdefault(key, block)
@@ -279,7 +230,6 @@ class BlockManager(AppendMixin, SwapMixin):
         self._add_seq(SequenceState(seq_id, row, blocks, extra, last_hash))
         return len(hits) * bs
 
-    # ------------------------------------------------------------------------------ append
     # ---------------------------------------------------------------------------- fork/free
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Make ``child_id`` share every block of ``parent_id`` (no copy until a write).

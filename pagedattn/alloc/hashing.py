@@ -2,20 +2,24 @@
 
 Every full block is identified by a chain::
 
-    root        = SHA-256(b"pagedattn.alloc.root/1\\x00" + encode_extra_keys(extra_keys))
+    root        = BLAKE2b(b"pagedattn.alloc.root/1\\x00" + encode_extra_keys(extra_keys))
     key_i       = hash_{i-1} + token_ids_i.astype("<i4").tobytes()      (hash_{-1} = root)
-    hash_i      = SHA-256(key_i)
+    hash_i      = BLAKE2b(key_i)
 
-so ``hash_i`` commits to the extra keys (per-tenant salt, adapter id, ...) and to every token
-of the prefix up to and including block ``i``. SHA-256 is :mod:`hashlib`'s (OpenSSL), the
-collision-resistant hash of the standard library.
+with BLAKE2b-512 (RFC 7693, :func:`hashlib.blake2b` with its default 64-byte digest), so
+``hash_i`` commits to the extra keys (per-tenant salt, adapter id, ...) and to every token of
+the prefix up to and including block ``i``. BLAKE2b is a cryptographic hash of the standard
+library, collision resistant (about 2**256 work for a 512-bit digest). It was picked over
+SHA-256 for speed: CPython's hashlib builds SHA-256 through OpenSSL's EVP layer, whose per-call
+overhead dominates for these short messages (BLAKE2b hashes a 16-token block in about half the
+time); with 16 int32 tokens a key is exactly one 128-byte BLAKE2b block.
 
 How a hit is kept exact (and not merely probable):
 
 * the prefix-cache map is keyed by ``key_i`` itself, not by the digest, so a lookup compares
   the block's token ids and its parent's hash byte for byte (Python ``dict`` equality on
   ``bytes``); a wrong hit would need two different prefixes with the *same* ``hash_{i-1}``,
-  i.e. a SHA-256 collision, for which no example is known (about 2**128 work);
+  i.e. a BLAKE2b collision, for which no example is known;
 * the encoded extra keys are stored on each cached block and compared on every hit, so
   blocks under different salts or adapters are never shared, whatever the hash does.
 
@@ -37,6 +41,7 @@ from pagedattn.alloc.errors import InvalidArgumentError
 __all__ = [
     "TOKEN_DTYPE",
     "BLOCK_HASH_BYTES",
+    "block_digest",
     "encode_extra_keys",
     "root_hash",
     "as_token_array",
@@ -47,12 +52,12 @@ __all__ = [
 TOKEN_DTYPE = np.dtype("<i4")
 """Canonical dtype of token ids (they are hashed as these bytes)."""
 
-BLOCK_HASH_BYTES = 32
-"""Length of a block hash (SHA-256 digest)."""
+BLOCK_HASH_BYTES = 64
+"""Length of a block hash (BLAKE2b-512 digest)."""
 
 _ROOT_TAG = b"pagedattn.alloc.root/1\x00"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-_sha256 = hashlib.sha256
+_hash_fn = hashlib.blake2b  # the block hash constructor (default digest: 64 bytes)
 _root_cache: dict[bytes, bytes] = {}
 
 
@@ -84,6 +89,11 @@ def _encode(value: Any, out: list[bytes]) -> None:
             f"got {type(value).__name__}: {value!r}")
 
 
+def block_digest(data: bytes) -> bytes:
+    """The block hash of ``data`` (BLAKE2b-512)."""
+    return _hash_fn(data).digest()
+
+
 def encode_extra_keys(extra_keys: Any) -> bytes:
     """Serialize extra keys to bytes, unambiguously (type-tagged and length-prefixed).
 
@@ -106,7 +116,7 @@ def root_hash(encoded_extra_keys: bytes) -> bytes:
     """The parent hash of a sequence's first block, committing to its extra keys."""
     digest = _root_cache.get(encoded_extra_keys)
     if digest is None:
-        digest = _sha256(_ROOT_TAG + encoded_extra_keys).digest()
+        digest = _hash_fn(_ROOT_TAG + encoded_extra_keys).digest()
         if len(_root_cache) >= 65536:  # a memo only: clearing it changes no hash
             _root_cache.clear()
         _root_cache[encoded_extra_keys] = digest
@@ -148,10 +158,10 @@ def hash_block_tokens(parent_hash: bytes, token_bytes: bytes) -> tuple[bytes, by
 
     Returns:
         ``(block_key, block_hash)``: the exact hashed bytes (the prefix-cache key) and their
-        SHA-256 digest.
+        BLAKE2b digest.
     """
     key = parent_hash + token_bytes
-    return key, _sha256(key).digest()
+    return key, _hash_fn(key).digest()
 
 
 def hash_token_blocks(parent_hash: bytes, tokens: np.ndarray, block_size: int,
@@ -172,7 +182,7 @@ def hash_token_blocks(parent_hash: bytes, tokens: np.ndarray, block_size: int,
     data = tokens[: num_blocks * block_size].tobytes()
     stride = block_size * TOKEN_DTYPE.itemsize
     out = []
-    sha = _sha256
+    sha = _hash_fn
     for start in range(0, num_blocks * stride, stride):
         key = parent_hash + data[start:start + stride]
         parent_hash = sha(key).digest()

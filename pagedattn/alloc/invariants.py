@@ -8,12 +8,11 @@ that a failing call left the manager exactly as it was.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from pagedattn.alloc.errors import InvariantViolation
-from pagedattn.alloc.hashing import BLOCK_HASH_BYTES, TOKEN_DTYPE, root_hash
+from pagedattn.alloc.hashing import BLOCK_HASH_BYTES, TOKEN_DTYPE, block_digest, root_hash
 
 if TYPE_CHECKING:
     from pagedattn.alloc.block_manager import BlockManager
@@ -22,9 +21,9 @@ if TYPE_CHECKING:
 __all__ = ["check_invariants", "check_pool", "snapshot_state"]
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _sha256(data: bytes) -> bytes:  # memoized: the same keys are re-checked on every call
-    return hashlib.sha256(data).digest()
+@functools.lru_cache(maxsize=1 << 14)
+def _digest(data: bytes) -> bytes:  # memoized: the same keys are re-checked on every call
+    return block_digest(data)
 
 
 def _fail(message: str) -> None:
@@ -66,8 +65,8 @@ def check_pool(pool: BlockPool, holders: Counter) -> None:
                 _fail(f"{name} block {bid} has a key but the hash map does not point to it")
             if not pool.enable_caching and block.ref_cnt == 0:
                 _fail(f"{name} block {bid} is free but keeps a cache identity")
-            if _sha256(block.block_key) != block.block_hash:
-                _fail(f"{name} block {bid}: block_hash is not SHA-256 of its key")
+            if _digest(block.block_key) != block.block_hash:
+                _fail(f"{name} block {bid}: block_hash is not the hash of its key")
         elif block.block_hash is not None or block.extra_keys is not None:
             _fail(f"{name} block {bid} has a hash or extra keys but no key")
     if num_used + len(free_ids) != pool.num_blocks:
@@ -84,7 +83,7 @@ def check_invariants(manager: BlockManager) -> None:
 
     Checked: free + used = total on both pools; each ref count equals the number of tables
     holding the block; no block both free and in use; the free queue is a well-linked list;
-    the hash map and the blocks agree (key <-> block, hash = SHA-256(key)); cached blocks are
+    the hash map and the blocks agree (key <-> block, hash = BLAKE2b(key)); cached blocks are
     full blocks of every table holding them, under the holders' extra keys, and chain from
     their parent; the numpy rows mirror the Python tables.
     """

@@ -63,7 +63,7 @@ def test_pool_evicts_cached_free_blocks_in_lru_order():
     a, b, c = pool.get_new_blocks(3)
     for block, tag in ((a, b"a"), (b, b"b"), (c, b"c")):
         key = bytes(32) + tag
-        assert pool.cache_block(block, key, hashlib.sha256(key).digest(), b"")
+        assert pool.cache_block(block, key, hashlib.blake2b(key).digest(), b"")
     pool.free_blocks([b])  # freed first -> least recently used
     pool.free_blocks([a])
     pool.free_blocks([c])
@@ -79,7 +79,7 @@ def test_pool_touch_revives_a_free_cached_block():
     pool = BlockPool(3)
     blocks = pool.get_new_blocks(3)
     key = bytes(32) + b"x"
-    pool.cache_block(blocks[1], key, hashlib.sha256(key).digest(), b"salt")
+    pool.cache_block(blocks[1], key, hashlib.blake2b(key).digest(), b"salt")
     pool.free_blocks(blocks)
     assert pool.get_cached_block(key, b"other salt") is None
     hit = pool.get_cached_block(key, b"salt")
@@ -92,7 +92,7 @@ def test_pool_refuses_a_second_block_under_a_cached_key():
     pool = BlockPool(2)
     a, b = pool.get_new_blocks(2)
     key = bytes(32) + b"k"
-    digest = hashlib.sha256(key).digest()
+    digest = hashlib.blake2b(key).digest()
     assert pool.cache_block(a, key, digest, b"")
     assert not pool.cache_block(b, key, digest, b"")
     assert b.block_key is None and pool.cached_blocks[key] is a

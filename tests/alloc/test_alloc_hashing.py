@@ -13,12 +13,12 @@ from pagedattn.alloc import (BlockManager, InvalidArgumentError, as_token_array,
 
 def reference_chain(tokens, block_size, extra_keys=None):
     """The chain as the hashing module's docstring states it, written out independently."""
-    parent = hashlib.sha256(b"pagedattn.alloc.root/1\x00" + encode_extra_keys(extra_keys)).digest()
+    parent = hashlib.blake2b(b"pagedattn.alloc.root/1\x00" + encode_extra_keys(extra_keys)).digest()
     out = []
     for i in range(len(tokens) // block_size):
         chunk = np.asarray(tokens[i * block_size:(i + 1) * block_size], dtype="<i4").tobytes()
         key = parent + chunk
-        parent = hashlib.sha256(key).digest()
+        parent = hashlib.blake2b(key).digest()
         out.append((key, parent))
     return out
 
@@ -106,18 +106,18 @@ def test_as_token_array_rejects_bad_ids(bad, match):
 def test_exactness_last_link_and_salt_do_not_depend_on_the_hash(monkeypatch):
     """With a hash that collides on *everything*, the byte-for-byte key and the extra-key
     comparison still keep different blocks and different salts apart (the documented
-    exactness); only the parent link relies on SHA-256."""
+    exactness); only the parent link relies on the hash."""
 
     class Constant:
         def __init__(self, data=b""):
             pass
 
         def digest(self):
-            return bytes(32)
+            return bytes(64)
 
-    monkeypatch.setattr(block_manager_module, "_sha256", Constant)
-    monkeypatch.setattr("pagedattn.alloc.append._sha256", Constant)
-    monkeypatch.setattr("pagedattn.alloc.hashing._sha256", Constant)
+    monkeypatch.setattr(block_manager_module, "_hash_fn", Constant)
+    monkeypatch.setattr("pagedattn.alloc.append._hash_fn", Constant)
+    monkeypatch.setattr("pagedattn.alloc.hashing._hash_fn", Constant)
     monkeypatch.setattr("pagedattn.alloc.hashing._root_cache", {})
     mgr = BlockManager(32, 2)
     assert mgr.allocate("a", [1, 2, 3, 4, 0]) == 0
@@ -132,7 +132,7 @@ def test_exactness_last_link_and_salt_do_not_depend_on_the_hash(monkeypatch):
     assert mgr.get_block_table("d")[:2] == mgr.get_block_table("a")[:2]
 
 
-def test_real_sha256_keeps_prefixes_apart():
+def test_real_hash_keeps_prefixes_apart():
     mgr = BlockManager(32, 2)
     mgr.allocate("a", [1, 2, 3, 4, 0])
     # Block 1 equal, block 0 different: the parent hash differs, so block 1 is not shared.

@@ -8,14 +8,17 @@ id, swapping the wrong way, running out of blocks), the last ones asserting the 
 Checked after *every* operation, independently of the manager's own ``check_invariants`` (which
 runs too): free + used = total on both pools; each ref count equals the number of block tables
 holding the block; no block is both free and in use; the hash map matches the blocks and every
-cached block's key is the documented SHA-256 chain of the holders' tokens and salt; shared
+cached block's key is the documented BLAKE2b chain of the holders' tokens and salt; shared
 blocks hold the same tokens at the same position; the free queue changes in LRU order (blocks
 taken for new content are the oldest free ones, survivors keep their order, freed blocks join at
 the tail last block first) and evictions are counted; the figures stay in range. At teardown
 everything is freed and all blocks must be free with ref count 0.
 
 CI volume: 20 seeds, each asserting >= 5,000 executed operations (>= 100,000 in total).
-``PAGEDATTN_ALLOC_LONG=1`` runs ten times as many (50 seeds, four times the examples each).
+``PAGEDATTN_ALLOC_LONG=1`` runs ten times as many (50 seeds of >= 20,000 operations each).
+
+PYTEST_DONT_REWRITE: plain asserts here (pytest's assertion rewriting costs about a third of
+the run time of these hot checks); hypothesis prints the failing operation sequence anyway.
 """
 
 import copy
@@ -39,14 +42,16 @@ from pagedattn.alloc import (BlockManager, DoubleFreeError, DuplicateSequenceErr
 LONG = os.environ.get("PAGEDATTN_ALLOC_LONG", "") not in ("", "0")
 NUM_SEEDS = 50 if LONG else 20
 MIN_OPS_PER_SEED = 20_000 if LONG else 5_000
-MAX_EXAMPLES = 48 if LONG else 12
+EXAMPLES_PER_ROUND = 2
+MAX_ROUNDS = 60 if LONG else 15  # rounds of examples until the seed reaches MIN_OPS_PER_SEED
 STEPS_PER_EXAMPLE = 500
 
 # (block_size, num_gpu_blocks, num_cpu_blocks, enable_prefix_caching), chosen by seed.
-CONFIGS = [(4, 16, 8, True), (2, 12, 6, True), (3, 20, 10, True), (1, 10, 4, True),
-           (4, 24, 12, True), (2, 14, 6, False)]
+CONFIGS = [(4, 12, 6, True), (2, 10, 5, True), (3, 14, 6, True), (1, 8, 4, True),
+           (4, 16, 8, True), (2, 10, 4, False)]
 EXTRAS = [None, ("tenant-a",), ("tenant-b", 7)]
 VOCAB = 3  # few distinct tokens: prompts share blocks often
+MAX_SEQS = 8  # live sequences (forks and empty prompts cost no block: keep the state small)
 
 OPS = Counter()  # seed -> operations executed
 
@@ -54,25 +59,32 @@ OPS = Counter()  # seed -> operations executed
 @functools.lru_cache(maxsize=4096)
 def reference_keys(tokens: tuple, block_size: int, extra_keys):
     """The documented chain: [(block_key, block_hash)] per full block."""
-    parent = hashlib.sha256(b"pagedattn.alloc.root/1\x00" + encode_extra_keys(extra_keys)).digest()
+    parent = hashlib.blake2b(b"pagedattn.alloc.root/1\x00" + encode_extra_keys(extra_keys)).digest()
     out = []
     data = np.asarray(tokens, dtype="<i4").tobytes()
     stride = 4 * block_size
     for i in range(len(tokens) // block_size):
         key = parent + data[i * stride:(i + 1) * stride]
-        parent = hashlib.sha256(key).digest()
+        parent = hashlib.blake2b(key).digest()
         out.append((key, parent))
     return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data).digest()
 
 
 def cdiv(a, b):
     return -(-a // b)
 
 
-def token_lists(max_size):
-    """Token lists drawn as (length, number) and spelled in base VOCAB: two draws, not n."""
-    return st.tuples(st.integers(0, max_size), st.integers(0, VOCAB ** max_size - 1)).map(
-        lambda t: [(t[1] // VOCAB ** i) % VOCAB for i in range(t[0])])
+def spell(length, number):
+    """Token lists are drawn as (length, number) and spelled in base VOCAB: two draws, not n."""
+    return [(number // VOCAB ** i) % VOCAB for i in range(length)]
+
+
+NUMBERS = st.integers(0, VOCAB ** 14 - 1)
 
 
 def shuffled(items, seed_value):
@@ -95,6 +107,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.prompts: list[tuple[list[int], tuple | None]] = []
         self.next_id = 0
         self.expected_tail = None  # (pool name, block ids the last op must have appended)
+        self.chains = {}  # sid -> (its token list, its reference chain so far)
         self._remember_queues()
 
     # ------------------------------------------------------------------------- helpers
@@ -121,6 +134,20 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert snapshot_state(self.mgr) == before
         return e.value
 
+    def reference_chain(self, sid):
+        """reference_keys of a live sequence's tokens, extended incrementally as it grows."""
+        tokens, bs = self.tokens[sid], self.bs
+        cached = self.chains.get(sid)
+        if cached is None or cached[0] is not tokens:
+            cached = self.chains[sid] = (tokens, list(reference_keys(tuple(tokens), bs, self.extra[sid])))
+        refs = cached[1]
+        while len(refs) < len(tokens) // bs:
+            i = len(refs)
+            key = refs[-1][1] + np.asarray(tokens[i * bs:(i + 1) * bs], dtype="<i4").tobytes() \
+                if refs else reference_keys(tuple(tokens[:bs]), bs, self.extra[sid])[0][0]
+            refs.append((key, digest(key)))
+        return refs
+
     def expected_hits(self, tokens, extra):
         if not self.mgr.enable_prefix_caching:
             return []
@@ -146,21 +173,24 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.prompts = (self.prompts + [(list(tokens), extra)])[-12:]
 
     # --------------------------------------------------------------------------- rules
-    @rule(tokens=token_lists(14), extra=st.sampled_from(EXTRAS))
-    def allocate(self, tokens, extra):
+    @precondition(lambda self: len(self.tokens) < MAX_SEQS)
+    @rule(length=st.integers(0, 14), number=NUMBERS, extra=st.sampled_from(EXTRAS))
+    def allocate(self, length, number, extra):
         self.count()
-        self.do_allocate(tokens, extra)
+        self.do_allocate(spell(length, number), extra)
 
-    @precondition(lambda self: self.prompts)
+    @precondition(lambda self: self.prompts and len(self.tokens) < MAX_SEQS)
     @rule(pick=st.integers(0, 1 << 16), cut=st.integers(0, 4),
-          tail=token_lists(5), same_salt=st.booleans())
-    def allocate_prefix_hit(self, pick, cut, tail, same_salt):
+          tail=st.integers(0, 5), number=NUMBERS, same_salt=st.booleans())
+    def allocate_prefix_hit(self, pick, cut, tail, number, same_salt):
         self.count()
+        tail = spell(tail, number)
         tokens, extra = self.prompts[pick % len(self.prompts)]
         if not same_salt:
             extra = EXTRAS[(EXTRAS.index(extra) + 1) % len(EXTRAS)]
         self.do_allocate(tokens[: cut * self.bs] + tail, extra)
 
+    @precondition(lambda self: len(self.tokens) < MAX_SEQS)
     @rule(slack=st.integers(-1, 2), base=st.integers(100, 10_000))
     def eviction_pressure(self, slack, base):
         """A fresh prompt about the size of the free pool: takes (evicts) cached free blocks."""
@@ -168,10 +198,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         n = max(0, (self.mgr.num_free_blocks + slack) * self.bs - 1)
         self.do_allocate([base + i for i in range(n)], None)
 
-    @precondition(lambda self: self.running())
-    @rule(pick=st.integers(0, 1 << 16), new=token_lists(6).filter(bool))
-    def append(self, pick, new):
+    @precondition(lambda self: len(self.tokens) > len(self.swapped))
+    @rule(pick=st.integers(0, 1 << 16), length=st.integers(1, 6), number=NUMBERS)
+    def append(self, pick, length, number):
         self.count()
+        new = spell(length, number)
         running = self.running()
         sid = running[pick % len(running)]
         n, table = len(self.tokens[sid]), self.mgr.get_block_table(sid)
@@ -190,25 +221,27 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert pairs == [] and after[: len(table)] == table
         self.tokens[sid].extend(new)
 
-    @precondition(lambda self: self.running())
+    @precondition(lambda self: len(self.tokens) > len(self.swapped))
     @rule(order=st.integers(0, 1 << 32), size=st.integers(1, 8), new=st.integers(0, 2))
     def append_batch(self, order, size, new):
         self.count()
         seqs = shuffled(self.running(), order)[:size]
         tokens = [(new + i) % VOCAB for i in range(len(seqs))]
-        try:
-            twin = copy.deepcopy(self.mgr)
-            expected = [p for s, t in zip(seqs, tokens) for p in twin.append_slots(s, t)]
-        except OutOfBlocksError:
+        if self.mgr.num_blocks_to_append(seqs) > self.mgr.num_free_blocks:
             self.expect_unchanged(lambda: self.mgr.append_slots_batch(seqs, tokens),
                                   OutOfBlocksError, "append a token to each of")
             return
-        assert self.mgr.append_slots_batch(seqs, tokens) == expected
-        assert snapshot_state(self.mgr)["gpu"] == snapshot_state(twin)["gpu"]
+        if order % 3:
+            self.mgr.append_slots_batch(seqs, tokens)
+        else:  # a third of the time, compare with append_slots called in turn on a copy
+            twin = copy.deepcopy(self.mgr)
+            expected = [p for s, t in zip(seqs, tokens) for p in twin.append_slots(s, t)]
+            assert self.mgr.append_slots_batch(seqs, tokens) == expected
+            assert snapshot_state(self.mgr)["gpu"] == snapshot_state(twin)["gpu"]
         for s, t in zip(seqs, tokens):
             self.tokens[s].append(t)
 
-    @precondition(lambda self: self.running())
+    @precondition(lambda self: MAX_SEQS > len(self.tokens) > len(self.swapped))
     @rule(pick=st.integers(0, 1 << 16))
     def fork(self, pick):
         self.count()
@@ -235,10 +268,11 @@ class AllocatorMachine(RuleBasedStateMachine):
                               [b for b in reversed(table) if pool.blocks[b].ref_cnt == 1])
         self.mgr.free(sid)
         del self.tokens[sid], self.extra[sid]
+        self.chains.pop(sid, None)
         self.swapped.discard(sid)
         self.freed = (self.freed + [sid])[-8:]
 
-    @precondition(lambda self: self.running())
+    @precondition(lambda self: len(self.tokens) > len(self.swapped))
     @rule(order=st.integers(0, 1 << 32), size=st.integers(1, 3))
     def swap_out(self, order, size):
         self.count()
@@ -284,7 +318,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert self.mgr.get_block_table(s) == [gpu_of[b] for b in tables[s]]
         self.swapped.difference_update(group)
 
-    @precondition(lambda self: self.running())
+    @precondition(lambda self: len(self.tokens) > len(self.swapped))
     @rule(order=st.integers(0, 1 << 32), size=st.integers(1, 6),
           prefill=st.booleans())
     def metadata(self, order, size, prefill):
@@ -305,31 +339,31 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------------- bad input
     @precondition(lambda self: self.freed)
-    @rule(pick=st.integers(0, 1 << 16))
-    def double_free(self, pick):
+    @rule(pick=st.integers(0, 1 << 16), which=st.integers(0, 3))
+    def use_after_free(self, pick, which):
         self.count()
         sid = self.freed[pick % len(self.freed)]
         if sid in self.tokens:
             return
-        before = snapshot_state(self.mgr)
-        self.expect_unchanged(lambda: self.mgr.free(sid), DoubleFreeError, "already freed", before)
-        self.expect_unchanged(lambda: self.mgr.append_slots(sid, [1]), FreedSequenceError,
-                              f"cannot append to sequence {sid}: it was freed", before)
-        self.expect_unchanged(lambda: self.mgr.fork(sid, self.next_id + 1), FreedSequenceError,
-                              "it was freed", before)
-        self.expect_unchanged(lambda: self.mgr.swap_out([sid]), FreedSequenceError, "was freed",
-                              before)
+        mgr, child = self.mgr, self.next_id + 1
+        fn, error, match = [
+            (lambda: mgr.free(sid), DoubleFreeError, f"cannot free sequence {sid}: it was already"),
+            (lambda: mgr.append_slots(sid, [1]), FreedSequenceError,
+             f"cannot append to sequence {sid}: it was freed"),
+            (lambda: mgr.fork(sid, child), FreedSequenceError, f"fork sequence {sid}: it was freed"),
+            (lambda: mgr.swap_out([sid]), FreedSequenceError, f"swap out sequence {sid}: it was"),
+        ][which]
+        self.expect_unchanged(fn, error, match)
 
-    @rule(sid=st.integers(-50, -1))
-    def unknown_sequence(self, sid):
+    @rule(sid=st.integers(-50, -1), which=st.integers(0, 4))
+    def unknown_sequence(self, sid, which):
         self.count()
-        before = snapshot_state(self.mgr)
-        for fn in (lambda: self.mgr.free(sid), lambda: self.mgr.append_slots(sid, [0]),
-                   lambda: self.mgr.fork(sid, self.next_id + 1),
-                   lambda: self.mgr.swap_in([sid]), lambda: self.mgr.build_metadata([sid])):
-            error = self.expect_unchanged(fn, UnknownSequenceError,
-                                          f"sequence {sid}: it was never", before)
-            assert type(error) is UnknownSequenceError
+        mgr, child = self.mgr, self.next_id + 1
+        fn = [lambda: mgr.free(sid), lambda: mgr.append_slots(sid, [0]),
+              lambda: mgr.fork(sid, child), lambda: mgr.swap_in([sid]),
+              lambda: mgr.build_metadata([sid])][which]
+        error = self.expect_unchanged(fn, UnknownSequenceError, f"sequence {sid}: it was never")
+        assert type(error) is UnknownSequenceError
 
     @precondition(lambda self: len(self.tokens) >= 1)
     @rule(pick=st.integers(0, 1 << 16), other=st.integers(0, 1 << 16))
@@ -337,9 +371,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.count()
         live = sorted(self.tokens)
         sid, existing = live[pick % len(live)], live[other % len(live)]
-        self.expect_unchanged(lambda: self.mgr.allocate(existing, [0]), DuplicateSequenceError,
-                              f"cannot allocate sequence {existing}: it is already allocated")
-        if sid not in self.swapped:
+        if sid in self.swapped:
+            self.expect_unchanged(lambda: self.mgr.allocate(existing, [0]), DuplicateSequenceError,
+                                  f"cannot allocate sequence {existing}: it is already allocated")
+        else:
             self.expect_unchanged(lambda: self.mgr.fork(sid, existing), DuplicateSequenceError,
                                   f"into {existing}: {existing} already exists")
 
@@ -349,8 +384,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.count()
         live = sorted(self.tokens)
         sid = live[pick % len(live)]
-        if sid in self.swapped:
+        if sid in self.swapped and pick % 2:
             self.expect_unchanged(lambda: self.mgr.swap_out([sid]), SwapError, "is swapped out")
+        elif sid in self.swapped:
             self.expect_unchanged(lambda: self.mgr.append_slots(sid, [0]), SwapError,
                                   "is swapped out")
         else:
@@ -364,22 +400,29 @@ class AllocatorMachine(RuleBasedStateMachine):
         mgr.check_invariants()
         holders = {"gpu": Counter(), "cpu": Counter()}
         position = {}
+        assert sorted(mgr.seq_ids()) == sorted(self.tokens)
+        num_tokens = mgr.arrays.num_tokens
         for sid, tokens in self.tokens.items():
-            table = mgr.get_block_table(sid)
-            assert mgr.get_num_tokens(sid) == len(tokens) and len(table) == cdiv(len(tokens), bs)
-            assert mgr.is_swapped(sid) == (sid in self.swapped)
-            device = "cpu" if sid in self.swapped else "gpu"
-            pool = mgr.cpu_pool if device == "cpu" else mgr.gpu_pool
-            holders[device].update(table)
-            refs = reference_keys(tuple(tokens), bs, self.extra[sid])
-            for i, b in enumerate(table):
+            seq = mgr._seqs[sid]
+            n = len(tokens)
+            assert int(num_tokens[seq.row]) == n and seq.swapped == (sid in self.swapped)
+            assert len(seq.blocks) == cdiv(n, bs)
+            device = "cpu" if seq.swapped else "gpu"
+            refs = self.reference_chain(sid)
+            full = len(refs)
+            ids = [b.block_id for b in seq.blocks]
+            holders[device].update(ids)
+            for i, block in enumerate(seq.blocks):
                 # A shared block holds the same prefix (hence the same KV) at the same position:
                 # full blocks compare by the reference chain hash, the last one by its tokens.
-                prefix = refs[i][1] if i < len(refs) else (self.extra[sid], tuple(tokens))
-                assert position.setdefault((device, b), (i, prefix)) == (i, prefix)
-                block = pool.blocks[b]
-                if block.block_key is not None:
-                    assert i < len(refs) and (block.block_key, block.block_hash) == refs[i]
+                if i < full:
+                    ident = (i, refs[i][1])
+                    if block.block_key is not None:
+                        assert (block.block_key, block.block_hash) == refs[i]
+                else:
+                    ident = (i, refs[-1][1] if refs else self.extra[sid], tuple(tokens[i * bs:]))
+                    assert block.block_key is None
+                assert position.setdefault((device, ids[i]), ident) == ident
         for device, pool in (("gpu", mgr.gpu_pool), ("cpu", mgr.cpu_pool)):
             free = [b.block_id for b in pool.free_block_queue]
             used = [b.block_id for b in pool.blocks if b.ref_cnt > 0]
@@ -390,11 +433,11 @@ class AllocatorMachine(RuleBasedStateMachine):
                 assert b.ref_cnt == holders[device][b.block_id]
             self.check_lru(device, pool, free)
         for key, block in mgr.gpu_pool.cached_blocks.items():
-            assert block.block_key == key and hashlib.sha256(key).digest() == block.block_hash
+            assert block.block_key == key and digest(key) == block.block_hash
         assert sum(b.block_key is not None for b in mgr.gpu_pool.blocks) \
             == len(mgr.gpu_pool.cached_blocks)
         assert 0.0 <= mgr.kv_utilization() <= 1.0 and 0.0 <= mgr.prefix_cache_hit_rate <= 1.0
-        assert mgr.usage == pytest.approx(len(holders["gpu"]) / mgr.num_gpu_blocks)
+        assert abs(mgr.usage - len(holders["gpu"]) / mgr.num_gpu_blocks) < 1e-12
         self.expected_tail = None
         self._remember_queues()
 
@@ -402,7 +445,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         prev_free, prev_keys, prev_evictions = self.prev[device]
         now = set(free)
         removed = [b for b in prev_free if b not in now]
-        # Revived by a prefix hit (kept its cache identity) vs taken for new content.
+        # Revived by a prefix hit (kept its cache identity) vs taken for new content. A block
+        # taken, evicted and re-registered under the same key in one call looks revived; that
+        # only makes the LRU check below skip it, and the eviction count allows for it.
         revived = {b for b in removed
                    if prev_keys[b] is not None and pool.blocks[b].block_key == prev_keys[b]}
         taken = [b for b in removed if b not in revived]
@@ -414,7 +459,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         if self.expected_tail is not None and self.expected_tail[0] == device:
             assert appended == self.expected_tail[1], "freed blocks must join last block first"
         evicted = sum(prev_keys[b] is not None for b in taken)
-        assert pool.num_evictions - prev_evictions == (evicted if device == "gpu" else 0)
+        delta = pool.num_evictions - prev_evictions
+        if device == "cpu":
+            assert delta == 0
+        else:
+            assert evicted <= delta <= evicted + len(revived), (delta, evicted, revived)
 
     def teardown(self):
         for sid in list(self.tokens):
@@ -429,16 +478,21 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("seed_id", range(NUM_SEEDS))
 def test_random_operations(seed_id):
+    """Rounds of examples (hypothesis seed ``1000 * seed_id + round``) until the seed has run
+    MIN_OPS_PER_SEED operations; the count is asserted so a run cannot silently do less."""
     OPS[seed_id] = 0
 
     def factory():
         return AllocatorMachine(seed_id)
 
-    run_state_machine_as_test(
-        seed(seed_id)(factory),
-        settings=settings(max_examples=MAX_EXAMPLES, stateful_step_count=STEPS_PER_EXAMPLE,
-                          deadline=None, database=None, derandomize=False,
-                          phases=[Phase.generate, Phase.shrink],
-                          suppress_health_check=list(HealthCheck)))
+    for round_idx in range(MAX_ROUNDS):
+        if OPS[seed_id] >= MIN_OPS_PER_SEED:
+            break
+        run_state_machine_as_test(
+            seed(1000 * seed_id + round_idx)(factory),
+            settings=settings(max_examples=EXAMPLES_PER_ROUND,
+                              stateful_step_count=STEPS_PER_EXAMPLE, deadline=None,
+                              database=None, phases=[Phase.generate, Phase.shrink],
+                              suppress_health_check=list(HealthCheck)))
     assert OPS[seed_id] >= MIN_OPS_PER_SEED, (
         f"seed {seed_id} ran only {OPS[seed_id]} operations, fewer than {MIN_OPS_PER_SEED}")
