@@ -1,0 +1,93 @@
+"""One model step's input: the packed new tokens of every scheduled sequence and their paged metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+
+@dataclass
+class StepInput:
+    """The input of :meth:`ModelRunner.execute` for ``S`` sequences with ``T`` new tokens in all.
+
+    All tensors live on the runner's device.
+
+    Attributes:
+        input_ids: [T] int64, every sequence's new tokens back to back.
+        positions: [T] int64, each token's position within its own sequence.
+        slot_mapping: [T] int64 cache slot ``block_id * block_size + offset`` of each token's K/V
+            (negative: padding, not written).
+        block_tables: [S, max_blocks] int32 block ids of each sequence (rows padded with any id).
+        seq_lens: [S] int32 context length of each sequence after this step (new tokens included).
+        cu_seqlens_q: [S + 1] int32 cumulative new-token counts (0 first, ``T`` last).
+        max_query_len: the most new tokens of any one sequence (a host int).
+        logits_indices: [S] int64 index in the packed batch of each sequence's last new token
+            (the rows whose logits are returned).
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_query_len: int
+    logits_indices: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+def make_step_input(new_token_ids: Sequence[Sequence[int]], num_computed: Sequence[int],
+                    block_tables: Sequence[Sequence[int]], block_size: int,
+                    device: Union[str, torch.device] = "cpu") -> StepInput:
+    """Build a :class:`StepInput` from host lists (a convenience for tests and simple drivers).
+
+    Args:
+        new_token_ids: per sequence, the token ids to run this step (at least one each).
+        num_computed: per sequence, how many of its tokens are already in the cache (the first
+            new token sits at this position).
+        block_tables: per sequence, its block ids in order, covering at least
+            ``num_computed + len(new_token_ids)`` tokens.
+        block_size: tokens per cache block.
+        device: where the tensors go.
+    """
+    if not (len(new_token_ids) == len(num_computed) == len(block_tables)) or not new_token_ids:
+        raise ValueError("new_token_ids, num_computed and block_tables need one entry per sequence (at least one)")
+    ids, positions, slots, seq_lens, cu, last = [], [], [], [], [0], []
+    for tokens, start, table in zip(new_token_ids, num_computed, block_tables):
+        if not tokens:
+            raise ValueError("every scheduled sequence needs at least one new token")
+        end = start + len(tokens)
+        if len(table) * block_size < end:
+            raise ValueError(f"a block table of {len(table)} blocks of {block_size} cannot hold {end} tokens")
+        for pos in range(start, end):
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        ids.extend(tokens)
+        seq_lens.append(end)
+        cu.append(cu[-1] + len(tokens))
+        last.append(cu[-1] - 1)
+    width = max(len(t) for t in block_tables)
+    tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
+
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    return StepInput(
+        input_ids=tensor(ids, torch.int64),
+        positions=tensor(positions, torch.int64),
+        slot_mapping=tensor(slots, torch.int64),
+        block_tables=tensor(tables, torch.int32),
+        seq_lens=tensor(seq_lens, torch.int32),
+        cu_seqlens_q=tensor(cu, torch.int32),
+        max_query_len=max(len(t) for t in new_token_ids),
+        logits_indices=tensor(last, torch.int64),
+    )
