@@ -1,0 +1,123 @@
+"""Engine configuration: one slotted dataclass, validated on construction.
+
+Every bad value raises ``TypeError`` (wrong type) or ``ValueError`` (bad value) whose message starts
+with the field's name, e.g. ``EngineConfig.block_size must be a positive int, got 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["PREEMPTION_MODES", "EngineConfig"]
+
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"EngineConfig.{name} must be an int{' or None' if allow_none else ''}, "
+                        f"got {type(value).__name__}: {value!r}")
+    if value < minimum:
+        raise ValueError(f"EngineConfig.{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"EngineConfig.{name} must be a number, got {type(value).__name__}: {value!r}")
+    if math.isnan(value) or not (lo < value <= hi if lo_open else lo <= value <= hi):
+        left = "(" if lo_open else "["
+        raise ValueError(f"EngineConfig.{name} must be in {left}{lo}, {hi}], got {value}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Knobs of the continuous-batching engine.
+
+    Attributes:
+        block_size: token slots per KV-cache block.
+        num_gpu_blocks: blocks in the device pool; ``None`` = profiled on CUDA from
+            ``gpu_memory_utilization`` (required on CPU).
+        gpu_memory_utilization: fraction of the GPU memory the model plus the KV cache may use.
+        swap_space_gib: CPU memory for swapped-out blocks (``num_cpu_blocks = swap bytes /
+            bytes per block``); ``num_cpu_blocks`` overrides it.
+        num_cpu_blocks: blocks of the CPU swap pool, or ``None`` to derive from ``swap_space_gib``.
+        max_num_seqs: most sequences in one step's batch.
+        max_num_batched_tokens: most tokens (prefill + decode) computed in one step.
+        max_model_len: longest sequence (prompt + output); ``None`` = the model's
+            ``max_position_embeddings`` (no limit if the model does not say).
+        enable_chunked_prefill: split prompts longer than the step's token budget across steps.
+        enable_prefix_caching: reuse cached KV blocks of a common prompt prefix.
+        preemption_mode: ``"recompute"`` (free the blocks, recompute later) or ``"swap"`` (copy
+            them to the CPU pool; falls back to recompute when the CPU pool is full).
+        watermark: fraction of GPU blocks kept free at admission, for running sequences to grow.
+        seed: seed of the sampler's generator (requests without their own seed).
+        dtype: model dtype for the runner (``None``: the model's).
+        device: runner device (``None``: CUDA if available, else CPU).
+    """
+
+    block_size: int = 16
+    num_gpu_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    swap_space_gib: float = 4.0
+    num_cpu_blocks: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"
+    watermark: float = 0.01
+    seed: int = 0
+    dtype: Any = None
+    device: Any = None
+
+    def __post_init__(self) -> None:
+        _check_int("block_size", self.block_size, 1)
+        _check_int("num_gpu_blocks", self.num_gpu_blocks, 1, allow_none=True)
+        _check_float("gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, lo_open=True)
+        if isinstance(self.swap_space_gib, bool) or not isinstance(self.swap_space_gib, (int, float)):
+            raise TypeError(f"EngineConfig.swap_space_gib must be a number, got "
+                            f"{type(self.swap_space_gib).__name__}: {self.swap_space_gib!r}")
+        if not self.swap_space_gib >= 0:
+            raise ValueError(f"EngineConfig.swap_space_gib must be >= 0, got {self.swap_space_gib}")
+        _check_int("num_cpu_blocks", self.num_cpu_blocks, 0, allow_none=True)
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _check_int("max_model_len", self.max_model_len, 1, allow_none=True)
+        for name in ("enable_chunked_prefill", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"EngineConfig.preemption_mode must be one of {PREEMPTION_MODES}, "
+                             f"got {self.preemption_mode!r}")
+        _check_float("watermark", self.watermark, 0.0, 1.0)
+        if self.watermark >= 1.0:
+            raise ValueError(f"EngineConfig.watermark must be < 1, got {self.watermark}")
+        _check_int("seed", self.seed, 0)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # A step must be able to give every running sequence its decode token.
+            raise ValueError(f"EngineConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                             f"must be >= max_num_seqs ({self.max_num_seqs})")
+        if (not self.enable_chunked_prefill and self.max_model_len is not None
+                and self.max_num_batched_tokens < self.max_model_len):
+            raise ValueError(f"EngineConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                             f"must be >= max_model_len ({self.max_model_len}) when "
+                             f"enable_chunked_prefill is False")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, config: EngineConfig | None = None, **kwargs: Any) -> EngineConfig:
+        """A config from ``config`` (or the defaults) with ``kwargs`` fields replaced."""
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(f"unknown EngineConfig field(s): {', '.join(unknown)}")
+        base = {f: getattr(config, f) for f in cls.field_names()} if config is not None else {}
+        base.update(kwargs)
+        return cls(**base)

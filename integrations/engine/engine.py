@@ -1,0 +1,282 @@
+"""The continuous-batching engine: requests in, one scheduled mixed batch per step, outputs out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from pagedattn.integrations.engine.beam import beam_step
+from pagedattn.integrations.engine.config import EngineConfig
+from pagedattn.integrations.engine.metrics import EngineMetrics
+from pagedattn.integrations.engine.outputs import OutputBuilder
+from pagedattn.integrations.engine.runner import StepInput, make_runner, model_limits
+from pagedattn.integrations.engine.sampling import Sampler, SamplingParams
+from pagedattn.integrations.engine.scheduler import Scheduler, SchedulerOutput
+from pagedattn.integrations.engine.sequence import (
+    RequestOutput,
+    Sequence,
+    SequenceGroup,
+    SequenceStatus,
+)
+
+from pagedattn.alloc import BlockManager
+
+__all__ = ["LLMEngine"]
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache (the vLLM paper's engine).
+
+    Args:
+        model: a model runner (anything with ``execute``), or what ``ModelRunner`` takes: a
+            loaded transformers model, a local path or a hub id.
+        config: the :class:`EngineConfig`; keyword arguments override its fields.
+        tokenizer: for stop strings and output text (optional; token ids work without it).
+        eos_token_id: overrides the EOS id(s) read from the tokenizer / model config.
+    """
+
+    def __init__(self, model: Any, config: EngineConfig | None = None, tokenizer: Any = None, *,
+                 eos_token_id: int | list[int] | None = None, **config_kwargs: Any) -> None:
+        self.config = cfg = EngineConfig.from_kwargs(config, **config_kwargs)
+        self.runner, num_gpu_blocks, num_cpu_blocks = make_runner(model, cfg)
+        self.tokenizer = tokenizer
+        max_len, vocab, eos = model_limits(self.runner, tokenizer)
+        if cfg.max_model_len is not None and max_len is not None and cfg.max_model_len > max_len:
+            raise ValueError(f"EngineConfig.max_model_len ({cfg.max_model_len}) exceeds the "
+                             f"model's {max_len} positions")
+        self.max_model_len = cfg.max_model_len or max_len
+        self.vocab_size = vocab
+        if eos_token_id is not None:
+            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos_token_ids: set[int] = set(eos)
+        self.block_manager = BlockManager(num_gpu_blocks, cfg.block_size, num_cpu_blocks,
+                                          enable_prefix_caching=cfg.enable_prefix_caching,
+                                          watermark=cfg.watermark)
+        self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len)
+        self.device = torch.device(getattr(self.runner, "device", "cpu"))
+        self.sampler = Sampler(cfg.seed, self.device)
+        self.metrics = EngineMetrics(self)
+        self.outputs = OutputBuilder(tokenizer)
+        self._groups: dict[str, SequenceGroup] = {}
+        self._order = itertools.count()
+        #: whether step() also returns unfinished requests' outputs (False: finished ones only)
+        self.stream_outputs = True
+
+    # ---------------------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt: str | list[int] | None = None,
+                    sampling_params: SamplingParams | None = None, *,
+                    prompt_token_ids: list[int] | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request (a prompt string, which needs a tokenizer, or its token ids)."""
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        if prompt_token_ids is None and prompt is not None and not isinstance(prompt, str):
+            prompt, prompt_token_ids = None, prompt
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("add_request needs a prompt or prompt_token_ids")
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass tokenizer= or token ids")
+            prompt_token_ids = self.tokenizer(prompt)["input_ids"]
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        if self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise ValueError(f"request {request_id!r}: prompt token ids must be in "
+                             f"[0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
+        gen = self.sampler.make_generator(params.seed) if params.seed is not None else None
+        g = SequenceGroup(request_id, prompt, ids, params, arrival_time, next(self._order), gen)
+        self._groups[request_id] = g
+        self.scheduler.add(g)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; whether it was unfinished."""
+        g = self._groups.pop(request_id, None)
+        if g is None:
+            return False
+        self.scheduler.abort(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.scheduler.num_unfinished
+
+    # -------------------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one batch; outputs of the requests that finished and (when
+        ``stream_outputs``) of those that got new tokens."""
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        results = [self._finish_output(g) for g in out.ignored]
+        if out.is_empty:
+            stuck = self._unstick(out)
+            if stuck is not None:
+                results.append(stuck)
+            self.metrics.record_step(out, 0, time.perf_counter() - t0)
+            return results
+        runner = self.runner
+        if out.blocks_to_swap_out:
+            runner.swap_out(out.blocks_to_swap_out)
+        if out.blocks_to_swap_in:
+            runner.swap_in(out.blocks_to_swap_in)
+        if out.blocks_to_copy:
+            runner.copy_blocks(out.blocks_to_copy)
+        logits = runner.execute(self._prepare(out))
+        touched, num_new = self._process(out, logits)
+        for g in touched:
+            if g.is_finished:
+                self.scheduler.remove_finished(g)
+                results.append(self._finish_output(g))
+            elif self.stream_outputs:
+                results.append(self.outputs.build(g, self.scheduler.max_model_len))
+        self.metrics.record_step(out, num_new, time.perf_counter() - t0)
+        return results
+
+    def _unstick(self, out: SchedulerOutput) -> RequestOutput | None:
+        """Nothing could be scheduled and nothing runs: the head request can never run."""
+        s = self.scheduler
+        if out.preempted or s.running or not (s.waiting or s.swapped):
+            return None
+        queue = s.swapped if s.swapped else s.waiting
+        g = queue[0]
+        queue.remove(g)
+        g.error = (f"request {g.request_id!r} cannot be scheduled: its "
+                   f"{max(len(x.token_ids) for x in g.seqs)} tokens do not fit the KV cache or "
+                   f"the step's token budget")
+        s.finish_group(g, SequenceStatus.FINISHED_IGNORED)
+        return self._finish_output(g)
+
+    def _finish_output(self, g: SequenceGroup) -> RequestOutput:
+        self._groups.pop(g.request_id, None)
+        g.finished_time = time.monotonic()
+        self.metrics.record_finished(g)
+        return self.outputs.build(g, self.scheduler.max_model_len)
+
+    def _prepare(self, out: SchedulerOutput) -> StepInput:
+        seqs = out.seqs
+        ids = [x.seq.seq_id for x in seqs]
+        if out.num_prefill_tokens == 0:
+            meta = self.block_manager.build_metadata(ids)
+            tokens = [x.seq.token_ids[x.num_computed] for x in seqs]
+            max_q = 1
+        else:
+            new = np.fromiter((x.num_new_tokens for x in seqs), np.int64, len(seqs))
+            meta = self.block_manager.build_metadata(ids, new)
+            tokens = list(itertools.chain.from_iterable(
+                x.seq.token_ids[x.num_computed:x.num_computed + x.num_new_tokens] for x in seqs))
+            max_q = int(new.max())
+        dev = self.device
+        qsl = torch.from_numpy(meta.query_start_loc)
+        return StepInput(
+            input_ids=torch.tensor(tokens, dtype=torch.int64).to(dev, non_blocking=True),
+            positions=torch.from_numpy(meta.positions).to(dev, non_blocking=True),
+            slot_mapping=torch.from_numpy(meta.slot_mapping).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(np.ascontiguousarray(meta.block_tables)).to(
+                dev, non_blocking=True),
+            seq_lens=torch.from_numpy(meta.seq_lens).to(dev, non_blocking=True),
+            cu_seqlens_q=qsl.to(dev, non_blocking=True),
+            max_query_len=max_q,
+            logits_indices=(qsl[1:].to(torch.int64) - 1).to(dev, non_blocking=True),
+        )
+
+    # ------------------------------------------------------------------------ post-process
+    def _process(self, out: SchedulerOutput, logits: torch.Tensor
+                 ) -> tuple[list[SequenceGroup], int]:
+        rows: list[int] = []
+        params: list[SamplingParams] = []
+        gens: list[torch.Generator | None] = []
+        targets: list[tuple[SequenceGroup, Sequence]] = []
+        beams: dict[int, tuple[SequenceGroup, list[int]]] = {}
+        touched: dict[int, SequenceGroup] = {}
+        now = time.monotonic()
+        for i, x in enumerate(out.seqs):
+            g = x.group
+            if g.first_scheduled_time is None:
+                g.first_scheduled_time = now
+            x.seq.num_computed_tokens = x.num_computed + x.num_new_tokens
+            if not x.samples:
+                continue
+            touched[id(g)] = g
+            if g.beam is not None:
+                beams.setdefault(id(g), (g, []))[1].append(i)
+                continue
+            copies = 1 if g.forked else g.params.num_seqs
+            for _ in range(copies):
+                rows.append(i)
+                params.append(g.params)
+                gens.append(g.generator)
+                targets.append((g, x.seq))
+        num_new = 0
+        if rows:
+            res = self.sampler(logits, params, gens, rows)
+            samples: dict[int, list] = {}
+            for (g, seq), *r in zip(targets, res.token_ids, res.logprobs, res.top_logprobs):
+                if g.forked:
+                    self._append_token(g, seq, *r)
+                else:
+                    samples.setdefault(id(g), [g, seq]).append(r)
+                num_new += 1
+            for g, parent, *draws in samples.values():
+                # best_of samples of a prompt: fork its sequence (blocks shared, copy on write).
+                seqs = [parent]
+                for j in range(1, len(draws)):
+                    child = parent.fork(j)
+                    self.block_manager.fork(parent.seq_id, child.seq_id)
+                    seqs.append(child)
+                g.seqs = seqs
+                g.forked = True
+                for seq, r in zip(seqs, draws):
+                    self._append_token(g, seq, *r)
+            for g in touched.values():
+                if g.beam is None:
+                    self._retire_finished(g)
+        for g, idx in beams.values():
+            g.first_token_time = g.first_token_time or now
+            if idx:
+                beam_step(g, logits[idx], self._stop_ids(g), self.block_manager,
+                          self.scheduler.free_seq, self.max_model_len)
+                num_new += g.num_live
+        return list(touched.values()), num_new
+
+    def _stop_ids(self, g: SequenceGroup) -> set[int]:
+        ids = set(g.params.stop_token_ids)
+        if not g.params.ignore_eos:
+            ids |= self.eos_token_ids
+        return ids
+
+    def _append_token(self, g: SequenceGroup, seq: Sequence, tok: int, lp: float,
+                      top: dict[int, float] | None) -> None:
+        seq.token_ids.append(tok)
+        seq.cumulative_logprob += lp
+        if seq.logprobs is not None:
+            seq.logprobs.append(top if top is not None else {tok: lp})
+        if g.first_token_time is None:
+            g.first_token_time = time.monotonic()
+        p = g.params
+        if not p.ignore_eos and tok in self.eos_token_ids:
+            seq.status = SequenceStatus.FINISHED_STOPPED
+        elif tok in p.stop_token_ids:
+            seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, tok
+        elif p.stop and self.outputs.check_stop_strings(seq, p):
+            seq.status = SequenceStatus.FINISHED_STOPPED
+        elif seq.num_output_tokens >= p.max_tokens or (
+                self.max_model_len is not None and len(seq.token_ids) >= self.max_model_len):
+            seq.status = SequenceStatus.FINISHED_LENGTH
+
+    def _retire_finished(self, g: SequenceGroup) -> None:
+        live = []
+        for s in g.seqs:
+            if s.status.finished:
+                self.scheduler.free_seq(s)
+                g.finished_seqs.append(s)
+            else:
+                live.append(s)
+        g.seqs = live

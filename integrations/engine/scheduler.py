@@ -1,0 +1,334 @@
+"""Iteration-level FCFS scheduler: one mixed prefill + decode batch per step.
+
+Each step, in order:
+
+1. running groups ready to decode (every live sequence has one uncomputed token) get one token per
+   sequence; their allocator appends are batched (``append_slots_batch``) at the end of the step;
+2. running groups still in prefill get the next chunk of their prompt;
+3. swapped-out groups are swapped back in (only if nothing was preempted this step);
+4. waiting groups are admitted in arrival order while the token budget, ``max_num_seqs`` and the
+   free blocks (whole prompt, watermark kept) allow (only if nothing is swapped out and nothing was
+   preempted this step).
+
+Blocks are allocated only for tokens computed in the step (a prompt is allocated chunk by chunk),
+so every block the prefix cache holds has its KV written by the time any other step reads it.
+When blocks run out, the latest-arrived running group not yet committed in this step is preempted
+(whole group): swapped to the CPU pool, or freed and sent back to the waiting queue to be
+recomputed (its prompt plus its output tokens become the tokens to prefill).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from pagedattn.integrations.engine.admission import AdmissionMixin
+from pagedattn.integrations.engine.config import EngineConfig
+from pagedattn.integrations.engine.sequence import (
+    Sequence,
+    SequenceGroup,
+    SequenceStatus,
+)
+
+from pagedattn.alloc import BlockManager
+from pagedattn.alloc.hashing import TOKEN_DTYPE, root_hash
+
+__all__ = ["ScheduledSeq", "Scheduler", "SchedulerOutput"]
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """A sequence of the step: it computes tokens ``[num_computed, num_computed + num_new)``."""
+
+    seq: Sequence
+    group: SequenceGroup
+    num_new_tokens: int
+    num_computed: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether the step computes the sequence's last token (so its logits are sampled)."""
+        return self.num_computed + self.num_new_tokens == len(self.seq.token_ids)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[SequenceGroup] = field(default_factory=list)
+    ignored: list[SequenceGroup] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler(AdmissionMixin):
+    """Owns the waiting / running / swapped queues and the allocator calls of each step."""
+
+    def __init__(self, config: EngineConfig, block_manager: BlockManager,
+                 max_model_len: int | None = None) -> None:
+        self.config = config
+        self.mgr = block_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[SequenceGroup] = deque()
+        self.running: list[SequenceGroup] = []   # sorted by arrival (group.key)
+        self.swapped: list[SequenceGroup] = []   # sorted by arrival
+        self.num_preemptions = 0
+        self.num_swapped_out_blocks = 0
+        self.num_swapped_in_blocks = 0
+        self._root = root_hash(b"")
+        self._reset_step()
+
+    # ------------------------------------------------------------------------- requests
+    def add(self, group: SequenceGroup) -> None:
+        self._insert_waiting(group, from_back=True)
+
+    def _insert_waiting(self, g: SequenceGroup, from_back: bool = False) -> None:
+        """Insert ``g`` into the waiting queue by arrival (FCFS), scanning from one end."""
+        w = self.waiting
+        if from_back:
+            i = len(w)
+            while i > 0 and w[i - 1].key > g.key:
+                i -= 1
+        else:
+            i = 0
+            while i < len(w) and w[i].key < g.key:
+                i += 1
+        w.insert(i, g)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
+    def abort(self, request_id: str) -> SequenceGroup | None:
+        """Remove a request from its queue and free its blocks; ``None`` if not found."""
+        for queue in (self.waiting, self.running, self.swapped):
+            for g in queue:
+                if g.request_id == request_id:
+                    queue.remove(g)
+                    self.finish_group(g, SequenceStatus.FINISHED_ABORTED)
+                    return g
+        return None
+
+    def free_seq(self, seq: Sequence) -> None:
+        if seq.seq_id in self.mgr:
+            self.mgr.free(seq.seq_id)
+
+    def finish_group(self, g: SequenceGroup, status: SequenceStatus) -> None:
+        """Finish every live sequence of ``g`` with ``status`` and free their blocks."""
+        for s in g.seqs:
+            self.free_seq(s)
+            s.status = status
+            g.finished_seqs.append(s)
+        g.seqs = []
+
+    def remove_finished(self, g: SequenceGroup) -> None:
+        """Drop a group whose sequences all finished from the running queue."""
+        i = bisect.bisect_left(self.running, g.key, key=lambda x: x.key)
+        if i < len(self.running) and self.running[i] is g:
+            del self.running[i]
+        else:
+            self.running.remove(g)
+
+    # ---------------------------------------------------------------------------- step
+    def _reset_step(self) -> None:
+        self._budget = self.config.max_num_batched_tokens
+        self._seqs_left = self.config.max_num_seqs
+        self._reserved = 0                            # blocks of deferred decode appends
+        self._decodes: dict[int, tuple[SequenceGroup, int]] = {}  # id(group) -> (group, need)
+        self._committed: set[int] = set()             # groups with allocator work done this step
+        self._prefill: list[ScheduledSeq] = []
+
+    def _free(self) -> int:
+        return self.mgr.num_free_blocks - self._reserved
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self._reset_step()
+        for decode_phase in (True, False):
+            for g in list(self.running):
+                if id(g) in self._decodes or id(g) in self._committed or g not in self.running:
+                    continue
+                if self._decode_ready(g) != decode_phase:
+                    continue
+                if decode_phase:
+                    self._schedule_decode(g, out, allow_self=True)
+                else:
+                    self._schedule_prefill(g, out, allow_self=False)
+        if not out.preempted and self.swapped:
+            self._schedule_swapped(out)
+        if not out.preempted and not self.swapped and self.waiting:
+            self._schedule_waiting(out)
+        # The decode fast path: one vectorized append for every decoding sequence.
+        ids, tokens = [], []
+        for g, _ in self._decodes.values():
+            for s in g.seqs:
+                out.seqs.append(ScheduledSeq(s, g, 1, s.num_computed_tokens))
+                ids.append(s.seq_id)
+                tokens.append(s.token_ids[-1])
+        if ids:
+            out.blocks_to_copy.extend(self.mgr.append_slots_batch(ids, tokens))
+        out.num_decode_tokens = len(ids)
+        out.seqs.extend(self._prefill)
+        out.num_prefill_tokens = sum(x.num_new_tokens for x in self._prefill)
+        out.num_batched_tokens = out.num_decode_tokens + out.num_prefill_tokens
+        self.num_swapped_out_blocks += len(out.blocks_to_swap_out)
+        self.num_swapped_in_blocks += len(out.blocks_to_swap_in)
+        return out
+
+    # ----------------------------------------------------------------------- decode
+    def _decode_ready(self, g: SequenceGroup) -> bool:
+        mgr = self.mgr
+        return all(s.seq_id in mgr and len(s.token_ids) - s.num_computed_tokens == 1 for s in g.seqs)
+
+    def _schedule_decode(self, g: SequenceGroup, out: SchedulerOutput, allow_self: bool,
+                         may_preempt: bool = True) -> bool:
+        k = g.num_live
+        if k > self._budget or k > self._seqs_left:
+            return False
+        ids = [s.seq_id for s in g.seqs]
+        need_fn = lambda: self.mgr.num_blocks_to_append(ids, 1)
+        need = self._make_room(need_fn, g, out, allow_self, may_preempt)
+        if need is None:
+            return False
+        self._decodes[id(g)] = (g, need)
+        self._reserved += need
+        self._budget -= k
+        self._seqs_left -= k
+        return True
+
+    # ---------------------------------------------------------------------- prefill
+    def _probe(self, tokens: list[int], max_cached: int) -> tuple[int, int]:
+        """Leading prompt tokens already cached (a multiple of the block size, at most
+        ``max_cached``) and how many of those blocks are free (revived by a hit)."""
+        mgr = self.mgr
+        if not mgr.enable_prefix_caching or max_cached < mgr.block_size:
+            return 0, 0
+        if hasattr(mgr, "probe_prefix"):  # the allocator's own read-only lookup
+            return mgr.probe_prefix(tokens[:max_cached + 1])
+        bs = mgr.block_size  # fallback: walk the hash chain as ``allocate`` does
+        n = max_cached // bs
+        data = np.asarray(tokens[: n * bs], dtype=TOKEN_DTYPE).tobytes()
+        stride = bs * TOKEN_DTYPE.itemsize
+        get, parent = mgr.gpu_pool.get_cached_block, self._root
+        hits = revived = 0
+        for off in range(0, n * stride, stride):
+            block = get(parent + data[off:off + stride], b"")
+            if block is None:
+                break
+            hits += 1
+            revived += block.ref_cnt == 0
+            parent = block.block_hash
+        return hits * bs, revived
+
+    def _schedule_prefill(self, g: SequenceGroup, out: SchedulerOutput, allow_self: bool,
+                          may_preempt: bool = True) -> int:
+        """Schedule the next prompt chunk(s) of ``g``; returns the tokens scheduled.
+
+        A multi-sequence group (recomputed parallel samples or beams) prefills each sequence up to
+        its last token first; the last tokens are then computed together (a decode step), so all
+        the group's sequences sample in the same step.
+        """
+        mgr, bs, cfg = self.mgr, self.mgr.block_size, self.config
+        multi = g.num_live > 1
+        total = 0
+        for s in g.seqs:
+            if self._budget <= 0 or self._seqs_left <= 0:
+                break
+            n = len(s.token_ids)
+            allocated = s.seq_id in mgr
+            if allocated:
+                nc = s.num_computed_tokens
+                if n - nc <= (1 if multi else 0):
+                    continue
+            else:
+                nc, _ = self._probe(s.token_ids, n - (2 if multi else 1))
+            cap = n - nc - (1 if multi else 0)
+            k = min(cap, self._budget)
+            if k < cap and not cfg.enable_chunked_prefill:
+                break
+            if allocated:
+                need_fn = lambda s=s, k=k: mgr.num_blocks_to_append([s.seq_id], k)
+            else:
+                def need_fn(s=s, k=k, nc=nc):
+                    hit, revived = self._probe(s.token_ids, nc)
+                    return -(-(nc + k) // bs) - hit // bs + revived
+            if self._make_room(need_fn, g, out, allow_self, may_preempt) is None:
+                break
+            if allocated:
+                out.blocks_to_copy.extend(mgr.append_slots(s.seq_id, s.token_ids[nc:nc + k]))
+            else:
+                got = mgr.allocate(s.seq_id, s.token_ids[:nc + k])
+                k += nc - got
+                nc = got
+                s.num_computed_tokens = got
+                out.num_cached_tokens += got
+            self._committed.add(id(g))
+            self._prefill.append(ScheduledSeq(s, g, k, nc))
+            self._budget -= k
+            self._seqs_left -= 1
+            total += k
+        return total
+
+    # ------------------------------------------------------------------- preemption
+    def _make_room(self, need_fn: Callable[[], int], g: SequenceGroup, out: SchedulerOutput,
+                   allow_self: bool, may_preempt: bool = True) -> int | None:
+        """Preempt latest arrivals until ``need_fn()`` blocks are free; the need, or ``None``."""
+        while True:
+            need = need_fn()
+            if need <= self._free():
+                return need
+            if not may_preempt:
+                return None
+            victim = next((v for v in reversed(self.running) if id(v) not in self._committed),
+                          None)
+            if victim is None or (victim is g and not allow_self):
+                return None
+            if victim is g and len(self.running) == 1 and not self._decodes:
+                # Alone and still short of blocks: the group can never fit.
+                self.running.remove(g)
+                g.error = self._too_big(g, self.mgr.num_gpu_blocks - self._free() + need,
+                                        self.mgr.num_gpu_blocks)
+                self.finish_group(g, SequenceStatus.FINISHED_IGNORED)
+                out.ignored.append(g)
+                return None
+            self._preempt(victim, out)
+            if victim is g:
+                return None
+
+    def _preempt(self, g: SequenceGroup, out: SchedulerOutput) -> None:
+        entry = self._decodes.pop(id(g), None)
+        if entry is not None:  # scheduled to decode this step, appends not made yet: undo
+            self._reserved -= entry[1]
+            self._budget += g.num_live
+            self._seqs_left += g.num_live
+        self.running.remove(g)
+        self.num_preemptions += 1
+        g.num_preemptions += 1
+        out.preempted.append(g)
+        ids = [s.seq_id for s in g.seqs]
+        if (self.config.preemption_mode == "swap" and all(i in self.mgr for i in ids)
+                and self.mgr.can_swap_out(ids)):
+            out.blocks_to_swap_out.extend(self.mgr.swap_out(ids))
+            for s in g.seqs:
+                s.status = SequenceStatus.SWAPPED
+            bisect.insort(self.swapped, g, key=lambda x: x.key)
+            return
+        for s in g.seqs:  # recompute
+            self.free_seq(s)
+            s.num_computed_tokens = 0
+            s.status = SequenceStatus.WAITING
+        self._insert_waiting(g)  # back among the waiting, in arrival order
