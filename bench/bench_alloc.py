@@ -13,7 +13,8 @@ Two headline figures:
   cost of prefix caching, none of its benefit). Goal <= 5 ms median.
 
 Also recorded (not headline): the same prompts sharing a 256-token system prompt, prompts given
-as Python lists, and a decode step without metadata.
+as Python lists, a decode step without metadata, the hashing alone of one prompt round (BLAKE2b,
+used, and SHA-256, for comparison: the floor of ``alloc_prompt_ms``), and the load average.
 
 Run as a script (writes ``bench/results/cpu/alloc.json`` and the two figures into
 ``bench/results/summary.json``)::
@@ -27,7 +28,9 @@ or under pytest-benchmark::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -160,8 +163,18 @@ def _summary(times: list[float]) -> dict:
             "min_ms": min(times), "mean_ms": statistics.fmean(times), "rounds": len(times)}
 
 
+def _hash_only(work: PromptWorkload, constructor) -> None:
+    """The hashing floor of one prompt round: one digest per full block, chained."""
+    stride = BLOCK_SIZE * 4
+    for prompt in work.rounds[0]:
+        data = np.asarray(prompt, dtype="<i4").tobytes()
+        parent = bytes(constructor().digest_size)
+        for off in range(0, len(data), stride):
+            parent = constructor(parent + data[off:off + stride]).digest()
+
+
 def main() -> dict:
-    results: dict = {}
+    results: dict = {"load_average_before": os.getloadavg()}
     decode = DecodeWorkload()
     results["decode_step"] = _summary(_time_ms(decode.step, setup=decode.setup, rounds=4000,
                                                warmup=400))
@@ -177,6 +190,13 @@ def main() -> dict:
         work.mgr.check_invariants()
         results[name]["prefix_cache_hit_rate"] = work.mgr.prefix_cache_hit_rate
         results[name]["num_evictions"] = work.mgr.num_evictions
+    # For reference: hashing alone (no allocation) of one round of the "prompt" workload.
+    work = PromptWorkload(num_rounds=1)
+    for name, constructor in [("hash_only_blake2b", hashlib.blake2b),
+                              ("hash_only_sha256", hashlib.sha256)]:
+        results[name] = _summary(_time_ms(lambda c=constructor: _hash_only(work, c), rounds=40,
+                                          warmup=4))
+    results["load_average_after"] = os.getloadavg()
 
     from bench.summary import RESULTS_DIR, card_name, update_figures
 
@@ -202,5 +222,8 @@ def main() -> dict:
 if __name__ == "__main__":
     payload = main()
     for name, res in payload["results"].items():
+        if not isinstance(res, dict):
+            print(f"{name:32s} {res}")
+            continue
         print(f"{name:32s} median {res['median_ms']:.4f} ms  (p10 {res['p10_ms']:.4f}, "
               f"p90 {res['p90_ms']:.4f}, rounds {res['rounds']})")

@@ -152,8 +152,11 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
                  extra_keys: Any = None) -> int:
         """Give a new sequence blocks for its prompt, reusing the longest cached prefix.
 
-        Full blocks of the prompt are registered in the prefix cache right away (the engine
-        writes their KV in the step that computes the prompt, before any later step reads it).
+        Full blocks of the prompt are registered in the prefix cache right away, before their
+        KV exists: a prompt that hits them must not be computed before the step that writes
+        them (the same step is fine: the cache write precedes attention). An engine that
+        prefills in chunks allocates the first chunk and appends the rest with
+        ``append_slots``, so only blocks it is about to compute get registered.
 
         Args:
             seq_id: a new sequence id (any hashable).
@@ -178,23 +181,16 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
         num_tokens = len(tokens)
         num_full = num_tokens // bs
         num_blocks = num_full + (num_tokens % bs != 0)
-        last_hash = root_hash(extra)
         hits: list[KVCacheBlock] = []
         caching = self.enable_prefix_caching
         if caching:
             cached = pool.cached_blocks
             data = tokens[: num_full * bs].tobytes()
             stride = bs * TOKEN_DTYPE.itemsize
-            max_hits = (num_tokens - 1) // bs
-            offset = 0
-            while len(hits) < max_hits:
-                key = last_hash + data[offset:offset + stride]
-                block = cached.get(key)
-                if block is None or block.extra_keys != extra:
-                    break
-                hits.append(block)
-                last_hash = block.block_hash
-                offset += stride
+            hits, last_hash = self._cached_prefix(data, extra, (num_tokens - 1) // bs)
+            offset = len(hits) * stride
+        else:
+            last_hash = root_hash(extra)
         num_new = num_blocks - len(hits)
         num_revived = sum(1 for b in hits if b.ref_cnt == 0) if hits else 0
         if num_new + num_revived > pool.num_free_blocks:
@@ -209,8 +205,8 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
             # by zip's stop at the shorter range). A key already cached by another block (a
             # block past a miss, or the prompt's last block) keeps its block; reuse its hash.
             setdefault, sha = cached.setdefault, _hash_fn
-            for block, offset in zip(new_blocks, range(offset, num_full * stride, stride)):
-                key = last_hash + data[offset:offset + stride]
+            for block, start in zip(new_blocks, range(offset, num_full * stride, stride)):
+                key = last_hash + data[start:start + stride]
                 holder = setdefault(key, block)
                 if holder is block:
                     last_hash = block.block_hash = sha(key).digest()
@@ -301,7 +297,46 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
 
         check_invariants(self)
 
+    def probe_prefix(self, token_ids: Sequence[int] | np.ndarray, extra_keys: Any = None
+                     ) -> tuple[int, int]:
+        """What ``allocate`` would find in the prefix cache, without allocating anything.
+
+        Args:
+            token_ids: a prompt's token ids.
+            extra_keys: its extra keys, as for ``allocate``.
+
+        Returns:
+            ``(num_cached_tokens, num_free_cached_blocks)``: the tokens ``allocate`` would report
+            cached (at most ``len(token_ids) - 1``), and how many of those blocks sit in the free
+            queue (a hit revives them, so they stop counting as free).
+        """
+        if not self.enable_prefix_caching:
+            return 0, 0
+        tokens = as_token_array(token_ids, "token_ids")
+        max_hits = (len(tokens) - 1) // self.block_size
+        hits, _ = self._cached_prefix(tokens[: max(max_hits, 0) * self.block_size].tobytes(),
+                                      encode_extra_keys(extra_keys), max_hits)
+        return len(hits) * self.block_size, sum(1 for b in hits if b.ref_cnt == 0)
+
     # ----------------------------------------------------------------------------- helpers
+    def _cached_prefix(self, data: bytes, extra: bytes, max_hits: int
+                       ) -> tuple[list[KVCacheBlock], bytes]:
+        """The longest chain of cached blocks matching ``data`` (token bytes of full blocks),
+        at most ``max_hits`` long, and the hash the chain ends on (the root hash if empty)."""
+        cached = self.gpu_pool.cached_blocks
+        stride = self.block_size * TOKEN_DTYPE.itemsize
+        last_hash = root_hash(extra)
+        hits: list[KVCacheBlock] = []
+        offset = 0
+        while len(hits) < max_hits:
+            block = cached.get(last_hash + data[offset:offset + stride])
+            if block is None or block.extra_keys != extra:
+                break
+            hits.append(block)
+            last_hash = block.block_hash
+            offset += stride
+        return hits, last_hash
+
     def _get_seq(self, seq_id: Hashable, action: str) -> SequenceState:
         seq = self._seqs.get(seq_id)
         if seq is None:

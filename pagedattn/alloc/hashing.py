@@ -14,14 +14,16 @@ SHA-256 for speed: CPython's hashlib builds SHA-256 through OpenSSL's EVP layer,
 overhead dominates for these short messages (BLAKE2b hashes a 16-token block in about half the
 time); with 16 int32 tokens a key is exactly one 128-byte BLAKE2b block.
 
-How a hit is kept exact (and not merely probable):
+How collisions are ruled out (a hit must be exact):
 
 * the prefix-cache map is keyed by ``key_i`` itself, not by the digest, so a lookup compares
-  the block's token ids and its parent's hash byte for byte (Python ``dict`` equality on
-  ``bytes``); a wrong hit would need two different prefixes with the *same* ``hash_{i-1}``,
-  i.e. a BLAKE2b collision, for which no example is known;
-* the encoded extra keys are stored on each cached block and compared on every hit, so
-  blocks under different salts or adapters are never shared, whatever the hash does.
+  the block's own token ids and its parent's hash byte for byte (Python ``dict`` equality on
+  ``bytes``): the last link of a hit is checked exactly;
+* the rest of the prefix is compared through ``hash_{i-1}``: a wrong hit needs two different
+  prefixes with the same 512-bit BLAKE2b digest, a collision of a cryptographic hash (about
+  2**256 work; none is known), which is treated as impossible;
+* the encoded extra keys are stored on each cached block and compared on every hit, so blocks
+  under different salts or adapters are never shared, whatever the hash does.
 
 Token ids are hashed as little-endian int32, the canonical token dtype of the allocator;
 :func:`as_token_array` rejects ids outside the int32 range rather than truncating them.

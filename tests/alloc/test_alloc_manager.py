@@ -45,6 +45,20 @@ def test_prefix_hit_reuses_the_longest_cached_chain(mgr):
     mgr.check_invariants()
 
 
+def test_probe_prefix_reports_what_allocate_will_find(mgr):
+    assert mgr.probe_prefix([1, 2, 3]) == (0, 0)
+    mgr.allocate("a", list(range(12)))
+    assert mgr.probe_prefix(list(range(8)) + [5]) == (8, 0)
+    assert mgr.probe_prefix(list(range(8)) + [5], extra_keys="salt") == (0, 0)
+    mgr.free("a")
+    before = snapshot_state(mgr)
+    assert mgr.probe_prefix(list(range(12)) + [0]) == (12, 3)  # all free: a hit revives them
+    assert mgr.probe_prefix(list(range(12))) == (8, 2)  # the last token is always computed
+    assert snapshot_state(mgr) == before
+    assert mgr.allocate("b", list(range(12)) + [0]) == 12
+    assert mgr.num_free_blocks == 16 - 4
+
+
 def test_prefix_hit_leaves_the_last_token_to_compute(mgr):
     mgr.allocate("a", list(range(8)))
     # The whole prompt is cached, but at most len - 1 tokens are reported (block granularity).

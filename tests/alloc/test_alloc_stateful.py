@@ -162,7 +162,9 @@ class AllocatorMachine(RuleBasedStateMachine):
     def do_allocate(self, tokens, extra):
         sid = self.new_id()
         hits = self.expected_hits(tokens, extra)
-        need = cdiv(len(tokens), self.bs) - len(hits) + sum(b.ref_cnt == 0 for b in hits)
+        revived = sum(b.ref_cnt == 0 for b in hits)
+        assert self.mgr.probe_prefix(tokens, extra) == (len(hits) * self.bs, revived)
+        need = cdiv(len(tokens), self.bs) - len(hits) + revived
         if need > self.mgr.num_free_blocks:
             self.expect_unchanged(lambda: self.mgr.allocate(sid, tokens, extra), OutOfBlocksError,
                                   f"cannot allocate sequence {sid}")

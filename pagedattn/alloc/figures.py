@@ -1,0 +1,63 @@
+"""Figures of a block manager: free blocks, usage, KV utilization, prefix-cache hit rate.
+
+Mixed into :class:`~pagedattn.alloc.block_manager.BlockManager`; all are O(1) except
+:meth:`FiguresMixin.kv_utilization`, which walks the live sequences once.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FiguresMixin"]
+
+
+class FiguresMixin:
+    """Read-only figures of the block manager."""
+
+    @property
+    def num_gpu_blocks(self) -> int:
+        return self.gpu_pool.num_blocks
+
+    @property
+    def num_cpu_blocks(self) -> int:
+        return self.cpu_pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Free GPU blocks (cached ones included: they are evictable)."""
+        return self.gpu_pool.num_free_blocks
+
+    @property
+    def num_free_cpu_blocks(self) -> int:
+        return self.cpu_pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of GPU blocks in use."""
+        return self.gpu_pool.usage
+
+    @property
+    def num_evictions(self) -> int:
+        """Cached GPU blocks evicted (taken from the free queue for new content) so far."""
+        return self.gpu_pool.num_evictions
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache / prompt tokens allocated (0.0 if none)."""
+        return self._num_hit_tokens / self._num_query_tokens if self._num_query_tokens else 0.0
+
+    def kv_utilization(self) -> float:
+        """Token slots holding tokens / token slots of the GPU blocks in use (0.0 if none).
+
+        A block shared by several sequences counts once; only a sequence's last block can be
+        partly filled, so the waste is below one block per distinct last block.
+        """
+        used = self.gpu_pool.num_used_blocks
+        if used == 0:
+            return 0.0
+        bs = self.block_size
+        partial: dict[int, int] = {}
+        for seq in self._seqs.values():
+            fill = int(self.arrays.num_tokens[seq.row]) % bs
+            if fill and not seq.swapped:
+                partial[seq.blocks[-1].block_id] = fill
+        filled = (used - len(partial)) * bs + sum(partial.values())
+        return filled / (used * bs)
