@@ -407,6 +407,28 @@ def print_table(res, figs):
             if isinstance(x, dict) and k != "default":
                 print(f"{sec} {k}: {fmt(x.get('ms'), '.4f')} ms, bw frac {fmt(x.get('copy_bw_fraction'))}, "
                       f"ok {x.get('ok')} {x.get('error', '')}")
+    print_failures_and_figures(res, figs)
+
+
+def run_sections(res: dict, sections, sh) -> None:
+    """Run each (name, fn, extra args) section into ``res[name]``; a failing section records its
+    error and traceback and the others still run."""
+    t_start = time.perf_counter()
+    for name, fn, extra in sections:
+        t0 = time.perf_counter()
+        r = res[name] = {}
+        try:
+            fn(r, sh, *extra)
+        except Exception as e:  # noqa: BLE001
+            r["error"] = f"{type(e).__name__}: {e}"
+            r["traceback"] = traceback.format_exc(limit=6)
+        free()
+        r["seconds"] = time.perf_counter() - t0
+        print(f"[{name}] {r['seconds']:.1f} s{'  ERROR ' + r['error'] if 'error' in r else ''}", flush=True)
+    res["total_seconds"] = time.perf_counter() - t_start
+
+
+def print_failures_and_figures(res: dict, figs: dict) -> None:
     for sec, x in res.items():
         if isinstance(x, dict) and "error" in x:
             print(f"SECTION {sec} FAILED: {x['error'][:200]}")
@@ -440,22 +462,10 @@ def main(argv=None):
     res = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
            "device": str(DEV), "dry_run": args.dry_run, "timing": args.timing}
-    t_start = time.perf_counter()
     sections = [("physical", sec_physical, ()), ("decode", sec_decode, (args.quick,)), ("long_ctx", sec_long, ()),
                 ("reshape_and_cache", sec_reshape, ()), ("copy_blocks", sec_copy_blocks, ()),
                 ("block_size", sec_block_sizes, ())]
-    for name, fn, extra in sections:
-        t0 = time.perf_counter()
-        r = res[name] = {}
-        try:
-            fn(r, sh, *extra)
-        except Exception as e:  # noqa: BLE001
-            r["error"] = f"{type(e).__name__}: {e}"
-            r["traceback"] = traceback.format_exc(limit=6)
-        free()
-        r["seconds"] = time.perf_counter() - t0
-        print(f"[{name}] {r['seconds']:.1f} s{'  ERROR ' + r['error'] if 'error' in r else ''}", flush=True)
-    res["total_seconds"] = time.perf_counter() - t_start
+    run_sections(res, sections, sh)
 
     out_dir = Path(args.out) if args.out else (
         Path(tempfile.mkdtemp(prefix="bench_ops_")) if args.dry_run else ROOT / "bench" / "results") / card_slug(card)

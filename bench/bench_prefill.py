@@ -23,7 +23,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -294,10 +293,7 @@ def print_table(res, figs):
             ok = "" if d["ok"] and p1["ok"] else "  WRONG RESULT"
             print(f"{name:<18}: decode op {fmt(d['ms'])} ms ({fmt(d['copy_bw_fraction'], '.2f')} bw), prefill q1 "
                   f"{fmt(p1['ms'])} ms, ratio {fmt(x['prefill_q1_vs_decode'], '.2f')}{ok}")
-    for sec, x in res.items():
-        if isinstance(x, dict) and "error" in x:
-            print(f"SECTION {sec} FAILED: {x['error'][:200]}")
-    print("figures:", {k: round(v, 3) for k, (v, _) in figs.items()})
+    bo.print_failures_and_figures(res, figs)
 
 
 def main(argv=None):
@@ -322,22 +318,10 @@ def main(argv=None):
     res = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
            "device": str(bo.DEV), "dry_run": args.dry_run, "timing": args.timing, "backend": get_backend()}
-    t_start = time.perf_counter()
     sections = [("physical", sec_physical, ()), ("prefill", sec_vs_sdpa, (sh.prefill,)),
                 ("prefill_prefix", sec_vs_sdpa, (sh.prefix,)), ("mixed", sec_mixed, ()),
                 ("decode_main", sec_decode_main, ())]
-    for name, fn, extra in sections:
-        t0 = time.perf_counter()
-        r = res[name] = {}
-        try:
-            fn(r, sh, *extra)
-        except Exception as e:  # noqa: BLE001
-            r["error"] = f"{type(e).__name__}: {e}"
-            r["traceback"] = traceback.format_exc(limit=6)
-        free()
-        r["seconds"] = time.perf_counter() - t0
-        print(f"[{name}] {r['seconds']:.1f} s{'  ERROR ' + r['error'] if 'error' in r else ''}", flush=True)
-    res["total_seconds"] = time.perf_counter() - t_start
+    bo.run_sections(res, sections, sh)
     mm = res["physical"].get("matmul_bf16", {}).get("TFLOPs")
     for x in (res["prefill"].get("ours"), res["prefill"].get("sdpa"), res["prefill_prefix"].get("ours"),
               res["prefill_prefix"].get("sdpa"), res["mixed"].get("mixed")):
