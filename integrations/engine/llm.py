@@ -13,6 +13,9 @@ from pagedattn.integrations.engine.sequence import RequestOutput
 
 __all__ = ["LLM"]
 
+#: Files whose presence says a checkpoint folder carries a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
 
 def _load_tokenizer(model: Any) -> Any:
     """The tokenizer saved with ``model`` (a path / hub id, or a model's ``name_or_path``)."""
@@ -20,6 +23,10 @@ def _load_tokenizer(model: Any) -> Any:
     if source is None:
         source = getattr(getattr(model, "config", None), "name_or_path", None) or None
     if not source:
+        return None
+    if os.path.isdir(source) and not any(os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES):
+        # transformers would build an empty default tokenizer (with a made-up EOS id) from a folder
+        # that holds none: the model is served with token ids only
         return None
     try:
         from transformers import AutoTokenizer

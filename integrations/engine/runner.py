@@ -79,14 +79,15 @@ def model_limits(runner: Any, tokenizer: Any = None) -> tuple[int | None, int | 
                 max_len = getattr(config, name)
         if vocab is None:
             vocab = getattr(config, "vocab_size", None)
+    # The model's own generation config first, as transformers' generate() does; the tokenizer's
+    # EOS only when the model names none.
     eos: Any = getattr(runner, "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None and model is not None:
-        gen_cfg = getattr(model, "generation_config", None)
-        eos = getattr(gen_cfg, "eos_token_id", None)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos is None:
             eos = getattr(config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         eos = []
     elif isinstance(eos, int):
