@@ -32,7 +32,8 @@ from pagedattn.alloc.errors import (
     UnknownSequenceError,
 )
 from pagedattn.alloc import hashing
-from pagedattn.alloc.hashing import TOKEN_DTYPE, as_token_array, encode_extra_keys, root_hash
+from pagedattn.alloc.hashing import (TOKEN_DTYPE, as_token_array, encode_extra_keys, root_hash,
+                                     split_token_blocks)
 from pagedattn.alloc.metadata import BatchMetadata, build_batch_metadata
 from pagedattn.alloc.seq_arrays import SequenceArrays
 from pagedattn.alloc.swap import SwapMixin
@@ -173,58 +174,66 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
             InvalidArgumentError: bad token ids or extra keys.
             OutOfBlocksError: not enough free GPU blocks; nothing is allocated.
         """
-        if seq_id in self._seqs:
+        seqs = self._seqs
+        if seq_id in seqs:
             raise DuplicateSequenceError(f"cannot allocate sequence {seq_id!r}: it is already allocated")
-        tokens = as_token_array(token_ids, "token_ids")
-        extra = encode_extra_keys(extra_keys)
+        if type(token_ids) is np.ndarray and token_ids.dtype is TOKEN_DTYPE and token_ids.ndim == 1:
+            tokens = token_ids  # the common case, checked without a call
+        else:
+            tokens = as_token_array(token_ids, "token_ids")
+        extra = b"" if extra_keys is None else encode_extra_keys(extra_keys)
         bs, pool = self.block_size, self.gpu_pool
         num_tokens = len(tokens)
         num_full = num_tokens // bs
         num_blocks = num_full + (num_tokens % bs != 0)
-        hits: list[KVCacheBlock] = []
         caching = self.enable_prefix_caching
+        last_hash = root_hash(extra)
+        hits: list[KVCacheBlock] = []
         if caching:
+            # The longest cached prefix (inlined _cached_prefix), at most (num_tokens - 1) // bs
+            # blocks so the last token is computed.
+            chunks = split_token_blocks(tokens, bs, num_full)
             cached = pool.cached_blocks
-            data = tokens[: num_full * bs].tobytes()
-            stride = bs * TOKEN_DTYPE.itemsize
-            hits, last_hash = self._cached_prefix(data, extra, (num_tokens - 1) // bs)
-            offset = len(hits) * stride
-        else:
-            last_hash = root_hash(extra)
-        num_new = num_blocks - len(hits)
-        num_revived = sum(1 for b in hits if b.ref_cnt == 0) if hits else 0
-        if num_new + num_revived > pool.num_free_blocks:
-            pool.check_available(num_new + num_revived,
-                                 f"allocate sequence {seq_id!r} ({num_tokens} tokens)")
-        # -- mutation starts here: nothing below can fail.
+            get = cached.get
+            for i in range((num_tokens - 1) // bs):
+                block = get(last_hash + chunks[i])
+                if block is None or block.extra_keys != extra:
+                    break
+                hits.append(block)
+                last_hash = block.block_hash
+        num_hits = len(hits)
+        num_new = num_blocks - num_hits
         if hits:
+            num_revived = sum(1 for b in hits if b.ref_cnt == 0)
+            if num_new + num_revived > pool.free_block_queue.num_free_blocks:
+                pool.check_available(num_new + num_revived,
+                                     f"allocate sequence {seq_id!r} ({num_tokens} tokens)")
+            # -- mutation starts here: nothing below can fail.
             pool.touch(hits)
-        new_blocks = pool.get_new_blocks(num_new)
+            chunks = chunks[num_hits:]
+        elif num_new > pool.free_block_queue.num_free_blocks:
+            pool.check_available(num_new, f"allocate sequence {seq_id!r} ({num_tokens} tokens)")
         if caching:
-            # Hash and register the new full blocks (blocks past the partial tail are skipped
-            # by zip's stop at the shorter range). A key already cached by another block (a
-            # block past a miss, or the prompt's last block) keeps its block; reuse its hash.
-            setdefault, sha = cached.setdefault, _hash_fn
-            for block, start in zip(new_blocks, range(offset, num_full * stride, stride)):
-                key = last_hash + data[start:start + stride]
-                holder = setdefault(key, block)
-                if holder is block:
-                    last_hash = block.block_hash = sha(key).digest()
-                    block.block_key = key
-                    block.extra_keys = extra
-                elif holder.extra_keys == extra:
-                    last_hash = holder.block_hash
-                else:
-                    last_hash = sha(key).digest()
+            # Take the blocks, hash and register the new full blocks, in one pass.
+            new_blocks, last_hash = pool.get_new_cached_blocks(num_new, chunks, last_hash, extra,
+                                                               _hash_fn)
             self._num_query_tokens += num_tokens
-            self._num_hit_tokens += len(hits) * bs
+            self._num_hit_tokens += num_hits * bs
+        else:
+            new_blocks = pool.get_new_blocks(num_new)
         blocks = hits + new_blocks if hits else new_blocks
-        row = self.arrays.alloc_row()
-        self.arrays.set_row(row, [b.block_id for b in blocks], num_tokens)
+        arrays = self.arrays
+        row = arrays.alloc_row()
+        arrays.set_row(row, [b.block_id for b in blocks], num_tokens)
         if num_tokens % bs:
-            self.arrays.last_block_tokens[row, : num_tokens % bs] = tokens[num_full * bs:]
-        self._add_seq(SequenceState(seq_id, row, blocks, extra, last_hash))
-        return len(hits) * bs
+            arrays.last_block_tokens[row, : num_tokens % bs] = tokens[num_full * bs:]
+        seq = SequenceState(seq_id, row, blocks, extra, last_hash)
+        seqs[seq_id] = seq  # _add_seq inlined
+        self._row_seqs[row] = seq
+        if self._freed_ids:
+            self._freed_ids.pop(seq_id, None)
+        self._epoch += 1
+        return num_hits * bs
 
     # ---------------------------------------------------------------------------- fork/free
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:

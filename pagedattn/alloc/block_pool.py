@@ -7,7 +7,9 @@ block's hash key to the cached block. It knows nothing about sequences: the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
+from itertools import repeat
 
 from pagedattn.alloc.block import FreeKVCacheBlockQueue, KVCacheBlock
 from pagedattn.alloc.errors import DoubleFreeError, OutOfBlocksError
@@ -84,21 +86,141 @@ class BlockPool:
         Raises:
             OutOfBlocksError: if fewer blocks are free; nothing is taken.
         """
-        blocks = self.free_block_queue.popleft_n(num_blocks)
+        queue = self.free_block_queue
+        if num_blocks > queue.num_free_blocks or num_blocks <= 0:
+            return queue.popleft_n(num_blocks)  # raises, or [] for 0
+        # popleft_n, evict() and the ref count inlined into one pass: this loop runs for every
+        # allocated block.
+        blocks: list[KVCacheBlock] = []
+        append = blocks.append
+        head = queue._head
+        block = head.next_free_block
         if self.cached_blocks:
             uncache = self.cached_blocks.__delitem__
             num_evicted = 0
-            for block in blocks:  # evict() inlined: this loop runs for every allocated block
+            for _ in repeat(None, num_blocks):
+                append(block)
                 if block.block_key is not None:
                     uncache(block.block_key)
                     block.block_hash = block.block_key = block.extra_keys = None
                     num_evicted += 1
                 block.ref_cnt = 1
+                nxt = block.next_free_block
+                block.prev_free_block = block.next_free_block = None
+                block = nxt
             self.num_evictions += num_evicted
         else:
-            for block in blocks:
+            for _ in repeat(None, num_blocks):
+                append(block)
                 block.ref_cnt = 1
+                nxt = block.next_free_block
+                block.prev_free_block = block.next_free_block = None
+                block = nxt
+        head.next_free_block = block
+        block.prev_free_block = head
+        queue.num_free_blocks -= num_blocks
         return blocks
+
+    def get_new_cached_blocks(self, num_blocks: int, chunks: list[bytes], parent_hash: bytes,
+                              extra_keys: bytes, hash_fn: Callable[..., Any]
+                              ) -> tuple[list[KVCacheBlock], bytes]:
+        """``get_new_blocks(num_blocks)``, registering the first ``len(chunks)`` blocks in the
+        prefix cache along the hash chain, in one pass over the blocks.
+
+        Block ``i`` gets ``key_i = hash_{i-1} + chunks[i]`` (``hash_{-1} = parent_hash``) and
+        ``hash_i = hash_fn(key_i)``. A key already held by another block keeps that block (its
+        hash continues the chain), except that a block this call takes from the free queue
+        loses its entry first: the result is exactly ``get_new_blocks`` followed by
+        registering each key in turn.
+
+        Args:
+            num_blocks: blocks to take (``len(chunks)`` or one more, a partly filled tail).
+            chunks: token bytes of the full blocks, first block first.
+            parent_hash: the hash the chain starts from.
+            extra_keys: encoded extra keys stored on each registered block.
+            hash_fn: the block hash constructor (:func:`hashlib.blake2b`).
+
+        Returns:
+            ``(blocks, last_hash)``: the blocks taken, in queue order, and the chain's last hash.
+
+        Raises:
+            OutOfBlocksError: if fewer blocks are free; nothing is taken.
+        """
+        queue = self.free_block_queue
+        if num_blocks > queue.num_free_blocks or num_blocks < len(chunks):
+            if num_blocks < len(chunks):
+                raise ValueError(f"{len(chunks)} chunks for {num_blocks} blocks")
+            queue.popleft_n(num_blocks)  # raises OutOfBlocksError
+        cached = self.cached_blocks
+        setdefault = cached.setdefault
+        head = queue._head
+        block = head.next_free_block
+        blocks: list[KVCacheBlock] = []
+        append = blocks.append
+        num_evicted = 0
+        for chunk in chunks:
+            # Take the block (popleft_n, evict() and the ref count inlined) ...
+            append(block)
+            nxt = block.next_free_block
+            block.prev_free_block = block.next_free_block = None
+            block.ref_cnt = 1
+            old_key = block.block_key
+            if old_key is not None:
+                del cached[old_key]  # its hash and extra keys are overwritten below
+                num_evicted += 1
+            # ... and register it.
+            key = parent_hash + chunk
+            holder = setdefault(key, block)
+            if holder is block:
+                parent_hash = block.block_hash = hash_fn(key).digest()
+                block.block_key = key
+                block.extra_keys = extra_keys
+            else:
+                if old_key is not None:
+                    block.block_hash = block.block_key = block.extra_keys = None
+                parent_hash, evicted = self._register_held_key(
+                    block, key, holder, nxt, num_blocks - len(blocks), extra_keys, hash_fn)
+                num_evicted += evicted
+            block = nxt
+        for _ in repeat(None, num_blocks - len(blocks)):  # the uncached tail
+            append(block)
+            nxt = block.next_free_block
+            block.prev_free_block = block.next_free_block = None
+            block.ref_cnt = 1
+            if block.block_key is not None:
+                del cached[block.block_key]
+                block.block_hash = block.block_key = block.extra_keys = None
+                num_evicted += 1
+            block = nxt
+        head.next_free_block = block
+        block.prev_free_block = head
+        queue.num_free_blocks -= num_blocks
+        self.num_evictions += num_evicted
+        return blocks, parent_hash
+
+    def _register_held_key(self, block: KVCacheBlock, key: bytes, holder: KVCacheBlock,
+                           nxt: KVCacheBlock, num_left: int, extra_keys: bytes,
+                           hash_fn: Callable[..., Any]) -> tuple[bytes, int]:
+        """``get_new_cached_blocks``' rare case: ``key`` is held by ``holder``, another block.
+
+        If ``holder`` is a free block among the ``num_left`` blocks this call is still to take
+        (from ``nxt`` on), it would have been evicted before any registration: evict it now and
+        register ``block``. Returns the chain's next hash and the number of evictions (0 or 1).
+        """
+        if holder.ref_cnt == 0:
+            for _ in range(num_left):
+                if nxt is holder:
+                    del self.cached_blocks[key]
+                    holder.block_hash = holder.block_key = holder.extra_keys = None
+                    self.cached_blocks[key] = block
+                    block.block_key = key
+                    block.block_hash = hash_fn(key).digest()
+                    block.extra_keys = extra_keys
+                    return block.block_hash, 1
+                nxt = nxt.next_free_block
+        if holder.extra_keys == extra_keys:
+            return holder.block_hash, 0
+        return hash_fn(key).digest(), 0
 
     def take_free_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         """Take blocks off the free queue's head *without* claiming them yet.

@@ -49,6 +49,7 @@ __all__ = [
     "as_token_array",
     "hash_block_tokens",
     "hash_token_blocks",
+    "split_token_blocks",
 ]
 
 TOKEN_DTYPE = np.dtype("<i4")
@@ -166,6 +167,31 @@ def hash_block_tokens(parent_hash: bytes, token_bytes: bytes) -> tuple[bytes, by
     return key, _hash_fn(key).digest()
 
 
+def split_token_blocks(tokens: np.ndarray, block_size: int, num_blocks: int) -> list[bytes]:
+    """The first ``num_blocks`` full blocks of ``tokens`` as :data:`TOKEN_DTYPE` bytes, one
+    ``bytes`` object per block, cut in one numpy call (a view as fixed-size void records).
+
+    Args:
+        tokens: 1-D :data:`TOKEN_DTYPE` token ids holding at least ``num_blocks`` full blocks.
+        block_size: tokens per block.
+        num_blocks: how many blocks to return.
+    """
+    arr = tokens[: num_blocks * block_size]
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    return arr.view(_block_dtype(block_size)).tolist()
+
+
+def _block_dtype(block_size: int) -> np.dtype:
+    dtype = _block_dtypes.get(block_size)
+    if dtype is None:  # raw bytes records: unlike "S", "V" keeps trailing zero bytes
+        dtype = _block_dtypes[block_size] = np.dtype((np.void, block_size * TOKEN_DTYPE.itemsize))
+    return dtype
+
+
+_block_dtypes: dict[int, np.dtype] = {}
+
+
 def hash_token_blocks(parent_hash: bytes, tokens: np.ndarray, block_size: int,
                       num_blocks: int | None = None) -> list[tuple[bytes, bytes]]:
     """Hash the full blocks of ``tokens`` along the chain (see the module docstring).
@@ -181,12 +207,10 @@ def hash_token_blocks(parent_hash: bytes, tokens: np.ndarray, block_size: int,
     """
     if num_blocks is None:
         num_blocks = len(tokens) // block_size
-    data = tokens[: num_blocks * block_size].tobytes()
-    stride = block_size * TOKEN_DTYPE.itemsize
     out = []
     sha = _hash_fn
-    for start in range(0, num_blocks * stride, stride):
-        key = parent_hash + data[start:start + stride]
+    for chunk in split_token_blocks(tokens, block_size, num_blocks):
+        key = parent_hash + chunk
         parent_hash = sha(key).digest()
         out.append((key, parent_hash))
     return out
