@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import os
-import re
-import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,6 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from bench import harness as hx  # noqa: E402
+from bench.harness import TIMING, card_slug, fmt, free, print_failures_and_figures, rec, run_sections, sync, timeit  # noqa: E402,F401
 from pagedattn.ops import (DEFAULT_LAYOUT, allocate_kv_cache, copy_blocks, launchers,  # noqa: E402
                            paged_decode_attention, reshape_and_cache, set_backend)
 
@@ -55,63 +53,16 @@ DRY = SimpleNamespace(
     long=[(1, 256), (2, 256), (1, 512), (2, 512)], rc_tokens=64,
     cb_layers=2, cb_blocks=64, cb_pairs=16, copy_bytes=1 << 20, mm=128,
     block_sizes=[8, 16, 32], warmup=0, rep=0, cpu_reps=2)
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-COPY_BW = [None]  # bytes/s measured by the physical-limits section
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-def sync():
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def free():
-    sync()
-    gc.collect()
-    if DEV.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-TIMING = {"mode": "graph"}
-
-
-def timeit(fn, sh) -> float:
-    """Median milliseconds of ``fn`` on the GPU.
-
-    By default ``fn`` is captured in a CUDA graph and its replays are timed
-    (``triton.testing.do_bench_cudagraph``), so host launch overhead (Python, op dispatch) is
-    excluded for every system alike and the figure is device time; ``--timing eager`` times plain
-    calls with ``do_bench`` instead. On the CPU: a wall clock.
-    """
-    if DEV.type == "cuda":
-        if TIMING["mode"] == "graph":
-            fn()  # compile / warm up outside capture
-            torch.cuda.synchronize()
-            return triton.testing.do_bench_cudagraph(fn, rep=sh.rep, return_mode="median")
-        return triton.testing.do_bench(fn, warmup=sh.warmup, rep=sh.rep, return_mode="median")
-    fn()
-    times = []
-    for _ in range(sh.cpu_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def rec(ms: float, nbytes: int, **extra) -> dict:
-    """A timing with its bytes per second and its fraction of the measured copy bandwidth."""
-    bps = nbytes / (ms * 1e-3)
-    frac = bps / COPY_BW[0] if COPY_BW[0] else None
-    return {"ms": ms, "bytes": nbytes, "GBps": bps / 1e9, "copy_bw_fraction": frac, **extra}
-
 
 def fill_caches(k, v, block_size, layout):
     """Paged caches holding contiguous ``k, v`` [S, kvh, L, D] in randomly permuted (scattered) blocks."""
     S, kvh, L, D = k.shape
     nb = L // block_size
-    bt = torch.randperm(S * nb, device=DEV).view(S, nb)
-    kc, vc = allocate_kv_cache(S * nb, block_size, kvh, D, k.dtype, DEV, layout=layout)
+    bt = torch.randperm(S * nb, device=hx.DEV).view(S, nb)
+    kc, vc = allocate_kv_cache(S * nb, block_size, kvh, D, k.dtype, hx.DEV, layout=layout)
     for cache, src in ((kc, k), (vc, v)):
         cache[bt] = src.view(S, kvh, nb, block_size, D).permute(0, 2, 3, 1, 4)
     return kc, vc, bt.to(torch.int32)
@@ -119,11 +70,11 @@ def fill_caches(k, v, block_size, layout):
 
 def make_case(S, L, block_size, layout, sh):
     assert L % block_size == 0
-    q = torch.randn(S, sh.heads, sh.head_size, dtype=sh.dtype, device=DEV)
-    k = torch.randn(S, sh.kv_heads, L, sh.head_size, dtype=sh.dtype, device=DEV)
+    q = torch.randn(S, sh.heads, sh.head_size, dtype=sh.dtype, device=hx.DEV)
+    k = torch.randn(S, sh.kv_heads, L, sh.head_size, dtype=sh.dtype, device=hx.DEV)
     v = torch.randn_like(k)
     kc, vc, bt = fill_caches(k, v, block_size, layout)
-    lens = torch.full((S,), L, dtype=torch.int32, device=DEV)
+    lens = torch.full((S,), L, dtype=torch.int32, device=hx.DEV)
     kv_bytes = 2 * S * L * sh.kv_heads * sh.head_size * k.element_size()
     return SimpleNamespace(q=q, k=k, v=v, kc=kc, vc=vc, bt=bt, lens=lens, S=S, L=L, kv_bytes=kv_bytes)
 
@@ -183,7 +134,7 @@ def gather_onepass(cache, bt, L):
 
 def effective_splits(S, L, sh, num_splits=None) -> int:
     """The split count the launcher uses (mirrors launchers.paged_decode)."""
-    n = num_splits or launchers.choose_num_splits(S, sh.kv_heads, L, DEV)
+    n = num_splits or launchers.choose_num_splits(S, sh.kv_heads, L, hx.DEV)
     tile = launchers.decode_tile_n(triton.next_power_of_2(sh.head_size), sh.dtype)
     per = triton.cdiv(triton.cdiv(L, n), tile) * tile
     return max(1, min(n, triton.cdiv(L, per)))
@@ -221,14 +172,14 @@ def sec_physical(r, sh):
 
 def _physical(r, sh):
     n = sh.copy_bytes // 2
-    src = torch.randn(n, dtype=torch.bfloat16, device=DEV)
+    src = torch.randn(n, dtype=torch.bfloat16, device=hx.DEV)
     dst = torch.empty_like(src)
     r["copy"] = rec(timeit(lambda: dst.copy_(src), sh), 2 * 2 * n)
-    COPY_BW[0] = r["copy"]["GBps"] * 1e9
+    hx.COPY_BW[0] = r["copy"]["GBps"] * 1e9
     r["copy"]["copy_bw_fraction"] = 1.0
     del src, dst
     m = sh.mm
-    a, b = (torch.randn(m, m, dtype=torch.bfloat16, device=DEV) for _ in range(2))
+    a, b = (torch.randn(m, m, dtype=torch.bfloat16, device=hx.DEV) for _ in range(2))
     c = torch.empty_like(a)
     ms = timeit(lambda: torch.matmul(a, b, out=c), sh)
     r["matmul_bf16"] = {"n": m, "ms": ms, "TFLOPs": 2 * m ** 3 / (ms * 1e-3) / 1e12}
@@ -273,7 +224,7 @@ def sec_decode(r, sh, quick):
         for tile, stages, warps in ((128, 2, 4), (128, 2, 8), (128, 3, 8), (64, 4, 4)):
             decode_variant(v, f"tile{tile}_stages{stages}_warps{warps}", c, ref, sd, sh,
                            tuning={"tile_n": tile, "num_stages": stages, "num_warps": warps})
-    if DEV.type == "cuda":
+    if hx.DEV.type == "cuda":
         saved_mode, TIMING["mode"] = TIMING["mode"], "eager"
         r["default_eager_ms"] = timeit(ours_fn(c), sh)  # with host overhead: Python, op dispatch, launch
         TIMING["mode"] = saved_mode
@@ -293,7 +244,7 @@ def sec_long(r, sh):
             sd, ref = time_sdpa(c, sh)
             row["sdpa"] = sd
             row.update(decode_variant({}, "x", c, ref, sd["ms"], sh))
-            if DEV.type == "cuda":
+            if hx.DEV.type == "cuda":
                 sweep = row["variants"] = {}
                 for waves in (8, 16):
                     decode_variant(sweep, f"target_waves_{waves}", c, ref, sd["ms"], sh,
@@ -307,12 +258,12 @@ def sec_long(r, sh):
 
 def sec_reshape(r, sh):
     T, kvh, D = sh.rc_tokens, sh.kv_heads, sh.head_size
-    key, value = (torch.randn(T, kvh, D, dtype=sh.dtype, device=DEV) for _ in range(2))
+    key, value = (torch.randn(T, kvh, D, dtype=sh.dtype, device=hx.DEV) for _ in range(2))
     num_blocks = triton.cdiv(4 * T, sh.block)
-    slots = torch.randperm(num_blocks * sh.block, device=DEV)[:T]
+    slots = torch.randperm(num_blocks * sh.block, device=hx.DEV)[:T]
     nbytes = 4 * key.numel() * key.element_size() + slots.numel() * slots.element_size()
     for layout in ("HND", "NHD"):
-        kc, vc = allocate_kv_cache(num_blocks, sh.block, kvh, D, sh.dtype, DEV, layout=layout)
+        kc, vc = allocate_kv_cache(num_blocks, sh.block, kvh, D, sh.dtype, hx.DEV, layout=layout)
         fn = lambda: reshape_and_cache(key, value, kc, vc, slots)  # noqa: E731
         fn()
         ok = torch.equal(kc.flatten(0, 1)[slots], key) and torch.equal(vc.flatten(0, 1)[slots], value)
@@ -325,10 +276,10 @@ def sec_reshape(r, sh):
 def sec_copy_blocks(r, sh):
     kcs, vcs = [], []
     for _ in range(sh.cb_layers):
-        kc, vc = allocate_kv_cache(sh.cb_blocks, sh.block, sh.kv_heads, sh.head_size, sh.dtype, DEV)
+        kc, vc = allocate_kv_cache(sh.cb_blocks, sh.block, sh.kv_heads, sh.head_size, sh.dtype, hx.DEV)
         kcs.append(kc.normal_())
         vcs.append(vc.normal_())
-    perm = torch.randperm(sh.cb_blocks, device=DEV)
+    perm = torch.randperm(sh.cb_blocks, device=hx.DEV)
     P = sh.cb_pairs
     mapping = torch.stack([perm[:P], perm[P:2 * P]], dim=1).contiguous()
     before = vcs[-1][perm[:P]].clone()
@@ -357,10 +308,6 @@ def sec_block_sizes(r, sh):
 
 # --------------------------------------------------------------------------------------------- main
 
-def card_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def figures(res) -> dict:
     """The five headline figures that were measured (decode ones only from a validated kernel)."""
     out = {}
@@ -376,10 +323,6 @@ def figures(res) -> dict:
         if x.get("ok") and x.get("copy_bw_fraction"):
             out[name] = (x["copy_bw_fraction"], ">= 0.7")
     return out
-
-
-def fmt(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
 
 
 def print_table(res, figs):
@@ -410,31 +353,6 @@ def print_table(res, figs):
     print_failures_and_figures(res, figs)
 
 
-def run_sections(res: dict, sections, sh) -> None:
-    """Run each (name, fn, extra args) section into ``res[name]``; a failing section records its
-    error and traceback and the others still run."""
-    t_start = time.perf_counter()
-    for name, fn, extra in sections:
-        t0 = time.perf_counter()
-        r = res[name] = {}
-        try:
-            fn(r, sh, *extra)
-        except Exception as e:  # noqa: BLE001
-            r["error"] = f"{type(e).__name__}: {e}"
-            r["traceback"] = traceback.format_exc(limit=6)
-        free()
-        r["seconds"] = time.perf_counter() - t0
-        print(f"[{name}] {r['seconds']:.1f} s{'  ERROR ' + r['error'] if 'error' in r else ''}", flush=True)
-    res["total_seconds"] = time.perf_counter() - t_start
-
-
-def print_failures_and_figures(res: dict, figs: dict) -> None:
-    for sec, x in res.items():
-        if isinstance(x, dict) and "error" in x:
-            print(f"SECTION {sec} FAILED: {x['error'][:200]}")
-    print("figures:", {k: round(v, 3) for k, (v, _) in figs.items()})
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter, temp dir")
@@ -445,11 +363,10 @@ def main(argv=None):
                     help="time CUDA-graph replays (device time, the default) or eager calls")
     args = ap.parse_args(argv)
     TIMING["mode"] = args.timing
-    global DEV
     sh = DRY if args.dry_run else FULL
     if args.dry_run:
-        DEV = torch.device("cpu")
-    elif DEV.type != "cuda":
+        hx.DEV = torch.device("cpu")
+    elif hx.DEV.type != "cuda":
         sys.exit("no CUDA device: use --dry-run for a CPU plumbing check")
     if args.quick and not args.dry_run:
         sh.warmup, sh.rep = 10, 40
@@ -461,7 +378,7 @@ def main(argv=None):
     card = card_name()
     res = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
-           "device": str(DEV), "dry_run": args.dry_run, "timing": args.timing}
+           "device": str(hx.DEV), "dry_run": args.dry_run, "timing": args.timing}
     sections = [("physical", sec_physical, ()), ("decode", sec_decode, (args.quick,)), ("long_ctx", sec_long, ()),
                 ("reshape_and_cache", sec_reshape, ()), ("copy_blocks", sec_copy_blocks, ()),
                 ("block_size", sec_block_sizes, ())]

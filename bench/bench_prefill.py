@@ -38,9 +38,10 @@ import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
-import bench.bench_ops as bo  # noqa: E402  (bo.DEV is rebound by --dry-run)
-from bench.bench_ops import (DRY, FULL, TIMING, TOL, _synced, card_slug, fill_caches, free, make_case,  # noqa: E402
-                             max_diff, needs_cuda, ours_fn, rec, sdpa, sec_physical, sync, timeit)
+from bench import harness as hx  # noqa: E402  (hx.DEV is rebound by --dry-run)
+from bench.bench_ops import (DRY, FULL, TOL, _synced, fill_caches, make_case, max_diff, needs_cuda,  # noqa: E402
+                             ours_fn, sdpa, sec_physical)
+from bench.harness import TIMING, card_slug, free, rec, sync, timeit  # noqa: E402
 from pagedattn.ops import DEFAULT_LAYOUT, get_backend, paged_prefill_attention, set_backend  # noqa: E402
 
 
@@ -75,9 +76,9 @@ def check(out, ref) -> dict:
 def timed(fn, sh):
     """bench_ops.timeit; when a CUDA graph cannot be captured, eager timing (recorded as such)."""
     try:
-        return timeit(fn, sh), TIMING["mode"] if bo.DEV.type == "cuda" else "cpu wall clock"
+        return timeit(fn, sh), TIMING["mode"] if hx.DEV.type == "cuda" else "cpu wall clock"
     except Exception as e:  # noqa: BLE001
-        if bo.DEV.type != "cuda" or TIMING["mode"] != "graph":
+        if hx.DEV.type != "cuda" or TIMING["mode"] != "graph":
             raise
         saved, TIMING["mode"] = TIMING["mode"], "eager"
         try:
@@ -101,7 +102,7 @@ def prefill_fn(q, kc, vc, bt, lens, cu, max_q):
 
 
 def cu_of(q_lens):
-    return torch.tensor([0] + q_lens, dtype=torch.int32, device=bo.DEV).cumsum(0, dtype=torch.int32)
+    return torch.tensor([0] + q_lens, dtype=torch.int32, device=hx.DEV).cumsum(0, dtype=torch.int32)
 
 
 def pick_sdpa(q, k, v, candidates):
@@ -128,11 +129,11 @@ def sec_vs_sdpa(r, sh, shape):
     """Ours on S sequences of `new` tokens over `prefix` cached ones, against SDPA on contiguous K/V."""
     S, new, prefix = shape
     L, H, D = prefix + new, sh.heads, sh.head_size
-    q = torch.randn(S, H, new, D, dtype=sh.dtype, device=bo.DEV)
-    k = torch.randn(S, sh.kv_heads, L, D, dtype=sh.dtype, device=bo.DEV)
+    q = torch.randn(S, H, new, D, dtype=sh.dtype, device=hx.DEV)
+    k = torch.randn(S, sh.kv_heads, L, D, dtype=sh.dtype, device=hx.DEV)
     v = torch.randn_like(k)
     kc, vc, bt = fill_caches(k, v, sh.block, DEFAULT_LAYOUT)
-    lens = torch.full((S,), L, dtype=torch.int32, device=bo.DEV)
+    lens = torch.full((S,), L, dtype=torch.int32, device=hx.DEV)
     qp = q.transpose(1, 2).reshape(S * new, H, D)  # packed varlen
     pairs = visible_pairs([new] * S, [L] * S)
     r["shape"] = {"seqs": S, "new_tokens": new, "prefix": prefix, "seq_len": L, "heads": H, "kv_heads": sh.kv_heads,
@@ -144,7 +145,7 @@ def sec_vs_sdpa(r, sh, shape):
         cands = [("flash, is_causal", flash, f), ("default, is_causal", contextlib.nullcontext, f)]
     else:
         bias = causal_lower_right(new, L)
-        mask = torch.ones(new, L, dtype=torch.bool, device=bo.DEV).tril(L - new)
+        mask = torch.ones(new, L, dtype=torch.bool, device=hx.DEV).tril(L - new)
         fb = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)  # noqa: E731
         fm = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: E731
         cands = [("flash, causal_lower_right", flash, fb), ("efficient, causal_lower_right", eff, fb),
@@ -161,7 +162,7 @@ def sec_vs_sdpa(r, sh, shape):
     ms, mode = timed(ours, sh)
     r["ours"] = {"ms": ms, "timing": mode, "TFLOPs": tflops(pairs, ms, sh)}
     r["ours_vs_sdpa"] = ms / r["sdpa"]["ms"]
-    if bo.DEV.type == "cuda":
+    if hx.DEV.type == "cuda":
         r["tuning"] = tuning_sweep(qp, kc, vc, bt, lens, cu_of([new] * S), new, ref, S, H, D, pairs, sh,
                                    r["sdpa"]["ms"])
 
@@ -199,12 +200,12 @@ def sec_mixed(r, sh):
     P, new, prefix, Dn, ctx = sh.mixed
     assert prefix + new <= ctx
     S, H, D = P + Dn, sh.heads, sh.head_size
-    k = torch.randn(S, sh.kv_heads, ctx, D, dtype=sh.dtype, device=bo.DEV)
+    k = torch.randn(S, sh.kv_heads, ctx, D, dtype=sh.dtype, device=hx.DEV)
     v = torch.randn_like(k)
     kc, vc, bt = fill_caches(k, v, sh.block, DEFAULT_LAYOUT)
     q_lens, seq_lens = [new] * P + [1] * Dn, [prefix + new] * P + [ctx] * Dn
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=bo.DEV)
-    q = torch.randn(sum(q_lens), H, D, dtype=sh.dtype, device=bo.DEV)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=hx.DEV)
+    q = torch.randn(sum(q_lens), H, D, dtype=sh.dtype, device=hx.DEV)
     cu, starts = cu_of(q_lens), [sum(q_lens[:i]) for i in range(S + 1)]
     ref = torch.cat([ref_attention(q[starts[i]:starts[i + 1]].transpose(0, 1), k[i, :, :seq_lens[i]],
                                    v[i, :, :seq_lens[i]]).transpose(0, 1) for i in range(S)])
@@ -293,7 +294,7 @@ def print_table(res, figs):
             ok = "" if d["ok"] and p1["ok"] else "  WRONG RESULT"
             print(f"{name:<18}: decode op {fmt(d['ms'])} ms ({fmt(d['copy_bw_fraction'], '.2f')} bw), prefill q1 "
                   f"{fmt(p1['ms'])} ms, ratio {fmt(x['prefill_q1_vs_decode'], '.2f')}{ok}")
-    bo.print_failures_and_figures(res, figs)
+    hx.print_failures_and_figures(res, figs)
 
 
 def main(argv=None):
@@ -307,8 +308,8 @@ def main(argv=None):
     TIMING["mode"] = args.timing
     sh = PDRY if args.dry_run else PFULL
     if args.dry_run:
-        bo.DEV = torch.device("cpu")
-    elif bo.DEV.type != "cuda":
+        hx.DEV = torch.device("cpu")
+    elif hx.DEV.type != "cuda":
         sys.exit("no CUDA device: use --dry-run for a CPU plumbing check")
     set_backend(args.backend or ("triton" if args.dry_run else "auto"))
     torch.manual_seed(0)
@@ -317,11 +318,11 @@ def main(argv=None):
     card = card_name()
     res = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
-           "device": str(bo.DEV), "dry_run": args.dry_run, "timing": args.timing, "backend": get_backend()}
+           "device": str(hx.DEV), "dry_run": args.dry_run, "timing": args.timing, "backend": get_backend()}
     sections = [("physical", sec_physical, ()), ("prefill", sec_vs_sdpa, (sh.prefill,)),
                 ("prefill_prefix", sec_vs_sdpa, (sh.prefix,)), ("mixed", sec_mixed, ()),
                 ("decode_main", sec_decode_main, ())]
-    bo.run_sections(res, sections, sh)
+    hx.run_sections(res, sections, sh)
     mm = res["physical"].get("matmul_bf16", {}).get("TFLOPs")
     for x in (res["prefill"].get("ours"), res["prefill"].get("sdpa"), res["prefill_prefix"].get("ours"),
               res["prefill_prefix"].get("sdpa"), res["mixed"].get("mixed")):
