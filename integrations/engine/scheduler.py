@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 from pagedattn.integrations.engine.admission import AdmissionMixin
 from pagedattn.integrations.engine.config import EngineConfig
 from pagedattn.integrations.engine.sequence import (
@@ -34,7 +33,6 @@ from pagedattn.integrations.engine.sequence import (
 )
 
 from pagedattn.alloc import BlockManager
-from pagedattn.alloc.hashing import TOKEN_DTYPE, root_hash
 
 __all__ = ["ScheduledSeq", "Scheduler", "SchedulerOutput"]
 
@@ -86,7 +84,6 @@ class Scheduler(AdmissionMixin):
         self.num_preemptions = 0
         self.num_swapped_out_blocks = 0
         self.num_swapped_in_blocks = 0
-        self._root = root_hash(b"")
         self._reset_step()
 
     # ------------------------------------------------------------------------- requests
@@ -217,22 +214,7 @@ class Scheduler(AdmissionMixin):
         mgr = self.mgr
         if not mgr.enable_prefix_caching or max_cached < mgr.block_size:
             return 0, 0
-        if hasattr(mgr, "probe_prefix"):  # the allocator's own read-only lookup
-            return mgr.probe_prefix(tokens[:max_cached + 1])
-        bs = mgr.block_size  # fallback: walk the hash chain as ``allocate`` does
-        n = max_cached // bs
-        data = np.asarray(tokens[: n * bs], dtype=TOKEN_DTYPE).tobytes()
-        stride = bs * TOKEN_DTYPE.itemsize
-        get, parent = mgr.gpu_pool.get_cached_block, self._root
-        hits = revived = 0
-        for off in range(0, n * stride, stride):
-            block = get(parent + data[off:off + stride], b"")
-            if block is None:
-                break
-            hits += 1
-            revived += block.ref_cnt == 0
-            parent = block.block_hash
-        return hits * bs, revived
+        return mgr.probe_prefix(tokens[:max_cached + 1])
 
     def _schedule_prefill(self, g: SequenceGroup, out: SchedulerOutput, allow_self: bool,
                           may_preempt: bool = True) -> int:
