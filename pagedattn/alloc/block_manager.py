@@ -15,6 +15,7 @@ import enum
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from pagedattn.alloc.swap import SwapMixin
 __all__ = ["AllocStatus", "BlockManager", "SequenceState"]
 
 _hash_fn = hashing._hash_fn
+_block_id = attrgetter("block_id")
 
 
 class AllocStatus(enum.Enum):
@@ -224,7 +226,7 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
         blocks = hits + new_blocks if hits else new_blocks
         arrays = self.arrays
         row = arrays.alloc_row()
-        arrays.set_row(row, [b.block_id for b in blocks], num_tokens)
+        arrays.set_row(row, list(map(_block_id, blocks)), num_tokens)
         if num_tokens % bs:
             arrays.last_block_tokens[row, : num_tokens % bs] = tokens[num_full * bs:]
         seq = SequenceState(seq_id, row, blocks, extra, last_hash)

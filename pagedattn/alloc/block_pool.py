@@ -153,11 +153,14 @@ class BlockPool:
             queue.popleft_n(num_blocks)  # raises OutOfBlocksError
         cached = self.cached_blocks
         setdefault = cached.setdefault
+        new_hasher = hash_fn().copy  # copying an empty state is cheaper than a constructor
         head = queue._head
         block = head.next_free_block
         blocks: list[KVCacheBlock] = []
         append = blocks.append
-        num_evicted = 0
+        # Evictions in this loop are counted from the map's size afterwards: each one deletes
+        # a key, each registration inserts one.
+        size_before, num_kept = len(cached), 0
         for chunk in chunks:
             # Take the block (popleft_n, evict() and the ref count inlined) ...
             append(block)
@@ -167,21 +170,23 @@ class BlockPool:
             old_key = block.block_key
             if old_key is not None:
                 del cached[old_key]  # its hash and extra keys are overwritten below
-                num_evicted += 1
             # ... and register it.
             key = parent_hash + chunk
             holder = setdefault(key, block)
             if holder is block:
-                parent_hash = block.block_hash = hash_fn(key).digest()
+                h = new_hasher()
+                h.update(key)
+                parent_hash = block.block_hash = h.digest()
                 block.block_key = key
                 block.extra_keys = extra_keys
             else:
                 if old_key is not None:
                     block.block_hash = block.block_key = block.extra_keys = None
-                parent_hash, evicted = self._register_held_key(
+                parent_hash, registered = self._register_held_key(
                     block, key, holder, nxt, num_blocks - len(blocks), extra_keys, hash_fn)
-                num_evicted += evicted
+                num_kept += not registered
             block = nxt
+        num_evicted = size_before + len(chunks) - num_kept - len(cached)
         for _ in repeat(None, num_blocks - len(blocks)):  # the uncached tail
             append(block)
             nxt = block.next_free_block
@@ -200,27 +205,28 @@ class BlockPool:
 
     def _register_held_key(self, block: KVCacheBlock, key: bytes, holder: KVCacheBlock,
                            nxt: KVCacheBlock, num_left: int, extra_keys: bytes,
-                           hash_fn: Callable[..., Any]) -> tuple[bytes, int]:
+                           hash_fn: Callable[..., Any]) -> tuple[bytes, bool]:
         """``get_new_cached_blocks``' rare case: ``key`` is held by ``holder``, another block.
 
         If ``holder`` is a free block among the ``num_left`` blocks this call is still to take
-        (from ``nxt`` on), it would have been evicted before any registration: evict it now and
-        register ``block``. Returns the chain's next hash and the number of evictions (0 or 1).
+        (from ``nxt`` on), it would have been evicted before any registration: evict it now
+        (deleting its key) and register ``block`` under the key. Returns the chain's next hash
+        and whether ``block`` was registered.
         """
         if holder.ref_cnt == 0:
             for _ in range(num_left):
                 if nxt is holder:
-                    del self.cached_blocks[key]
                     holder.block_hash = holder.block_key = holder.extra_keys = None
+                    del self.cached_blocks[key]
                     self.cached_blocks[key] = block
                     block.block_key = key
                     block.block_hash = hash_fn(key).digest()
                     block.extra_keys = extra_keys
-                    return block.block_hash, 1
+                    return block.block_hash, True
                 nxt = nxt.next_free_block
         if holder.extra_keys == extra_keys:
-            return holder.block_hash, 0
-        return hash_fn(key).digest(), 0
+            return holder.block_hash, False
+        return hash_fn(key).digest(), False
 
     def take_free_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         """Take blocks off the free queue's head *without* claiming them yet.

@@ -131,3 +131,84 @@ def test_pool_out_of_blocks_message_names_the_request():
 def test_pool_rejects_bad_size():
     with pytest.raises(ValueError, match="num_blocks must be a non-negative int"):
         BlockPool(-1)
+
+
+class TinyHash:
+    """A hash with 3 values, so that keys and hashes collide all the time."""
+
+    def __init__(self, data=b""):
+        self.data = bytes(data)
+
+    def copy(self):
+        return TinyHash(self.data)
+
+    def update(self, data):
+        self.data += bytes(data)
+
+    def digest(self):
+        return bytes([sum(self.data) % 3]) * 4
+
+
+def _reference_get_new_cached_blocks(pool, num_blocks, chunks, parent, extra, hash_fn):
+    """get_new_blocks, then each key registered in turn (the allocator before the fused loop)."""
+    blocks = pool.get_new_blocks(num_blocks)
+    for block, chunk in zip(blocks, chunks):
+        key = parent + chunk
+        holder = pool.cached_blocks.setdefault(key, block)
+        if holder is block:
+            parent = block.block_hash = hash_fn(key).digest()
+            block.block_key, block.extra_keys = key, extra
+        elif holder.extra_keys == extra:
+            parent = holder.block_hash
+        else:
+            parent = hash_fn(key).digest()
+    return blocks, parent
+
+
+def _pool_state(pool):
+    return ([(b.block_id, b.ref_cnt, b.block_key, b.block_hash, b.extra_keys,
+              b.prev_free_block is None, b.next_free_block is None) for b in pool.blocks],
+            ids(pool.free_block_queue), sorted((k, b.block_id) for k, b in pool.cached_blocks.items()),
+            pool.num_evictions, pool.num_free_blocks)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_fused_take_and_register_equals_take_then_register(seed):
+    """get_new_cached_blocks == get_new_blocks + registering the chain, block by block, even
+    when a key is held by a free block the same call evicts, by a used block, or by a block
+    under other extra keys."""
+    import copy
+    import random
+
+    rng = random.Random(seed)
+    pool = BlockPool(10)
+    # Cache some blocks under colliding keys, free some of them in a random order.
+    taken = pool.get_new_blocks(rng.randint(0, 10))
+    for block in taken:
+        if rng.random() < 0.8:
+            key = bytes([rng.randrange(3)]) * 4 + bytes([rng.randrange(3)])
+            pool.cache_block(block, key, TinyHash(key).digest(), rng.choice([b"", b"x"]))
+    rng.shuffle(taken)
+    pool.free_blocks(taken[: rng.randint(0, len(taken))])
+    num_free = pool.num_free_blocks
+    num_blocks = rng.randint(0, num_free)
+    num_chunks = max(0, num_blocks - rng.randint(0, 1))
+    chunks = [bytes([rng.randrange(3)]) for _ in range(num_chunks)]
+    parent = bytes([rng.randrange(3)]) * 4
+    extra = rng.choice([b"", b"x"])
+    ref = copy.deepcopy(pool)
+    got_blocks, got_hash = pool.get_new_cached_blocks(num_blocks, chunks, parent, extra, TinyHash)
+    want_blocks, want_hash = _reference_get_new_cached_blocks(ref, num_blocks, chunks, parent,
+                                                              extra, TinyHash)
+    assert (ids(got_blocks), got_hash) == (ids(want_blocks), want_hash)
+    assert _pool_state(pool) == _pool_state(ref)
+    for key, block in pool.cached_blocks.items():
+        assert block.block_key == key
+
+
+def test_fused_take_and_register_out_of_blocks_changes_nothing():
+    pool = BlockPool(2)
+    before = _pool_state(pool)
+    with pytest.raises(OutOfBlocksError):
+        pool.get_new_cached_blocks(3, [b"a", b"b", b"c"], b"p", b"", hashlib.blake2b)
+    assert _pool_state(pool) == before

@@ -167,3 +167,27 @@ def test_itertools_sanity_of_reference_chain():
     prompts = list(itertools.product([0, 1], repeat=4))
     hashes = {reference_chain(list(p), 2)[-1][1] for p in prompts}
     assert len(hashes) == len(prompts)
+
+
+def test_split_token_blocks_keeps_every_byte():
+    from pagedattn.alloc.hashing import split_token_blocks
+
+    tokens = as_token_array([0, 0, 1, 0, 2**31 - 1, -1, 0, 0, 5])  # zero bytes at block ends
+    assert split_token_blocks(tokens, 4, 2) == [tokens[:4].tobytes(), tokens[4:8].tobytes()]
+    assert split_token_blocks(tokens, 4, 0) == []
+    strided = np.arange(40, dtype=np.int32)[::3]
+    assert split_token_blocks(strided, 2, 3) == [strided[i:i + 2].tobytes() for i in (0, 2, 4)]
+
+
+@pytest.mark.parametrize("convert", [
+    list, lambda p: np.asarray(p, dtype=np.int32), lambda p: np.asarray(p, dtype=np.int64),
+    lambda p: np.repeat(np.asarray(p, dtype=np.int32), 2)[::2],  # non-contiguous
+])
+def test_allocate_hashes_every_token_container_alike(convert):
+    prompt = [7, 0, 0, 0, 3, 2**31 - 1, 0, 9, 4]
+    mgr = BlockManager(8, 2)
+    mgr.allocate("s", convert(prompt), extra_keys="t")
+    blocks = [mgr.gpu_pool.blocks[i] for i in mgr.get_block_table("s")]
+    assert [(b.block_key, b.block_hash) for b in blocks[:4]] == reference_chain(prompt, 2, "t")
+    assert blocks[4].block_key is None
+    mgr.check_invariants()
