@@ -20,23 +20,20 @@ from typing import Optional
 import torch
 
 
-def context_positions(seq_len: int, block_table: torch.Tensor, block_size: int, num_blocks: int,
-                      sliding_window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the (positions, physical slots) a query at position ``seq_len - 1`` attends to.
+def context_positions(seq_len: int, block_table: torch.Tensor, block_size: int,
+                      num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the (positions, physical slots) of a sequence's context that can be read.
 
     Args:
         seq_len: the sequence's length after clamping.
         block_table: [max_blocks_per_seq] int32, the sequence's block ids.
         block_size: tokens per block.
         num_blocks: blocks in the pool; ids outside ``[0, num_blocks)`` are skipped.
-        sliding_window: attend only to the last ``sliding_window`` positions (0: all).
 
     Returns:
         positions: [n] int64 logical positions; slots: [n] int64 ``block_id * block_size + offset``.
     """
     positions = torch.arange(seq_len, dtype=torch.int64)
-    if sliding_window > 0:
-        positions = positions[positions >= seq_len - sliding_window]
     blocks = block_table.to(torch.int64).cpu()[positions // block_size]
     keep = (blocks >= 0) & (blocks < num_blocks)
     positions, blocks = positions[keep], blocks[keep]
@@ -86,21 +83,14 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positi
 def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, sliding_window: int,
                  softcap: float, alibi_slopes: Optional[torch.Tensor], lse: Optional[torch.Tensor]) -> None:
-    """Reference paged decode attention; the arguments are those of ``torch.ops.pagedattn.paged_decode``."""
-    num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
-    capacity = block_tables.shape[1] * block_size
-    lens = seq_lens.to(torch.int64).clamp(0, capacity).tolist()
-    for i, seq_len in enumerate(lens):
-        positions, slots = context_positions(seq_len, block_tables[i], block_size, num_blocks, sliding_window)
-        blocks, offsets = (slots // block_size).to(key_cache.device), (slots % block_size).to(key_cache.device)
-        keys = key_cache[blocks, offsets]
-        values = value_cache[blocks, offsets]
-        query_positions = torch.tensor([seq_len - 1], dtype=torch.int64)
-        o, l = attend(query[i:i + 1], keys, values, positions, query_positions, scale, softcap,
-                      alibi_slopes, sliding_window=0)
-        out[i].copy_(o[0])
-        if lse is not None:
-            lse[i].copy_(l[0])
+    """Reference paged decode attention; the arguments are those of ``torch.ops.pagedattn.paged_decode``.
+
+    Decode is prefill with one new token per sequence, so this is :func:`paged_prefill` with
+    ``cu_seqlens_q = [0, 1, ..., num_seqs]``.
+    """
+    cu_seqlens_q = torch.arange(query.shape[0] + 1, dtype=torch.int32)
+    paged_prefill(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
+                  softcap, alibi_slopes, lse)
 
 
 def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -122,7 +112,7 @@ def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
         end = min(max(cu[i + 1], start), num_tokens)
         if end == start:
             continue
-        positions, slots = context_positions(seq_len, block_tables[i], block_size, num_blocks, 0)
+        positions, slots = context_positions(seq_len, block_tables[i], block_size, num_blocks)
         blocks, offsets = (slots // block_size).to(key_cache.device), (slots % block_size).to(key_cache.device)
         query_positions = torch.arange(seq_len - (end - start), seq_len, dtype=torch.int64)
         o, l = attend(query[start:end], key_cache[blocks, offsets], value_cache[blocks, offsets], positions,

@@ -93,8 +93,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     check_paged_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window,
                        softcap, alibi_slopes, lse, max_seq_len, num_splits)
     if validate or config.validation_enabled():
-        validation.validate_seq_lens(seq_lens, block_tables.shape[1], key_cache.shape[1])
-        validation.validate_block_tables(block_tables, seq_lens, key_cache.shape[1], key_cache.shape[0])
+        validation.validate_paged_context(block_tables, seq_lens, key_cache)
     if config.use_triton(query.device):
         _launchers().paged_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
                                   sliding_window, softcap, alibi_slopes, lse, max_seq_len, num_splits)
@@ -134,8 +133,7 @@ def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
     check_paged_prefill(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, max_query_len,
                         scale, sliding_window, softcap, alibi_slopes, lse)
     if validate or config.validation_enabled():
-        validation.validate_seq_lens(seq_lens, block_tables.shape[1], key_cache.shape[1])
-        validation.validate_block_tables(block_tables, seq_lens, key_cache.shape[1], key_cache.shape[0])
+        validation.validate_paged_context(block_tables, seq_lens, key_cache)
         validation.validate_cu_seqlens_q(cu_seqlens_q, seq_lens, query.shape[0], max_query_len)
     if config.use_triton(query.device):
         _launchers().paged_prefill(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,

@@ -36,6 +36,13 @@ def validate_block_tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, bl
                          f"[0, {num_blocks}) (used by sequence {i} of length {int(seq_lens[i])})")
 
 
+def validate_paged_context(block_tables: torch.Tensor, seq_lens: torch.Tensor, key_cache: torch.Tensor) -> None:
+    """The attention ops' shared value checks: lengths within the tables, used block ids in the pool."""
+    num_blocks, block_size = key_cache.shape[0], key_cache.shape[1]
+    validate_seq_lens(seq_lens, block_tables.shape[1], block_size)
+    validate_block_tables(block_tables, seq_lens, block_size, num_blocks)
+
+
 def validate_slot_mapping(slot_mapping: torch.Tensor, num_slots: int) -> None:
     bad = slot_mapping >= num_slots
     if bool(bad.any()):
