@@ -49,6 +49,8 @@ def parse_args(argv=None):
     ap.add_argument("--rates", default=None, help="Poisson rates, req/s, comma list (default 4,16,32)")
     ap.add_argument("--out-dir", default=None, help="default bench/results/<card> (dry run: a temp dir)")
     ap.add_argument("--model-dir", default=None, help="where the random models are saved (default: temp)")
+    ap.add_argument("--stages", default=None,
+                    help="comma list: run only these stages (e.g. engine_sharegpt,engine_profile; builds always run)")
     # worker mode
     ap.add_argument("--system", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)
@@ -157,13 +159,15 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
 
         def st(key, system, w, timeout, min_s, prio=None, **params):
             stages.append(dict(
-                key=f"{name}.{key}", model_name=name, system=system, workload=w, model=path, device=dev,
+                key=f"{name}.{key}", stage=key, model_name=name, system=system, workload=w, model=path, device=dev,
                 timeout=T or timeout, min_s=min_s, params={**cpu, **params},
                 prio=(0 if first else 2) if prio is None else prio))
         # priority order (the budget skips from the end): the first model's headline stages (0),
         # its latency sweep (1), the other models' throughput stages (2), Alpaca-like throughput (3)
         st("build", "build", wl.subset(sg, 0), 200 if big else 120, 60 if big else 20, model_name=name)
         st("engine_sharegpt", "engine", sg, 120, 50 if big else 40)
+        if first:
+            st("engine_profile", "engine_profile", sg, 100, 40, num_steps=30)
         st("hf_cb_graphs", "hf_cb", wl.subset(sg, n_cb if first else max(n_cb // 2, 1)), 110 if first else 100,
            50, cb_config=dict(use_cuda_graph=True, use_async_batching=False, max_memory_percent=0.5))
         if first:
@@ -175,6 +179,17 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
             st("engine_latency", "engine_latency", sg, 80, 30, prio=1, rates=rates,
                arrival_window_s=4 if dry else 8)
             st("engine_alpaca", "engine", wl.subset(al, n_alp), 45, 25, prio=3)
+            st("engine_profile_compiled", "engine_profile", sg, 240, 60, prio=1, num_steps=30,
+               engine_overrides=dict(compile_decode=True))
+            st("engine_profile_eager", "engine_profile", sg, 90, 40, prio=3, num_steps=30,
+               engine_overrides=dict(enforce_eager=True))
+    if args.stages:
+        keep = set(args.stages.split(",")) | {"build"}
+        unknown = keep - {s["stage"] for s in stages}
+        if unknown:
+            raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}; known: "
+                             f"{sorted({s['stage'] for s in stages})}")
+        stages = [s for s in stages if s["stage"] in keep]
     return sorted(stages, key=lambda x: x["prio"])
 
 
@@ -195,6 +210,11 @@ def figures(res: dict, first: str) -> dict:
     sh = [s for s in (r.get("engine_sharing") or {}).get("settings", []) if s.get("saving_mean") is not None]
     par = [s["saving_mean"] for s in sh if s["kind"] == "n" and s["width"] > 1]
     beam = [s["saving_mean"] for s in sh if s["kind"] == "beam"]
+    prof = r.get("engine_profile") if wl.usable(r.get("engine_profile")) else {}
+    if prof.get("decode_step_vs_floor") is not None:
+        figs["decode_step_vs_floor"] = (prof["decode_step_vs_floor"], "<= 3")
+    if prof.get("gpu_busy_fraction") is not None:
+        figs["gpu_busy_fraction"] = (prof["gpu_busy_fraction"], ">= 0.9")
     if par:
         figs["parallel_sampling_saving"] = (min(par), ">= 0.061")
     if beam:
@@ -227,7 +247,7 @@ def main(argv=None) -> None:
     bar = tqdm(stages, desc="e2e", dynamic_ncols=True)
     for stage in bar:
         bar.set_postfix_str(stage["key"])
-        m, key = stage["key"].split(".", 1)
+        m, key = stage["model_name"], stage["stage"]  # model names hold dots ("llama-1.1b")
         w = stage["workload"]
         res["workloads"][stage["key"]] = {k: w[k] for k in ("dataset", "num_requests", "mean_prompt_len",
                                                              "mean_output_len", "total_output_tokens")}

@@ -321,5 +321,7 @@ def run_hf_cb(path: str, w: dict, dev: str, emit) -> None:
     emit(res)
 
 
-SYSTEMS = {"engine": run_engine, "engine_latency": run_engine_latency, "engine_sharing": run_engine_sharing,
+from bench.e2e_profile import run_engine_profile  # noqa: E402  (it imports helpers from this module)
+
+SYSTEMS = {"engine": run_engine, "engine_profile": run_engine_profile, "engine_latency": run_engine_latency, "engine_sharing": run_engine_sharing,
            "hf_generate": run_hf_generate, "hf_cb": run_hf_cb}

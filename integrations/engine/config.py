@@ -57,6 +57,11 @@ class EngineConfig:
         seed: seed of the sampler's generator (requests without their own seed).
         dtype: model dtype for the runner (``None``: the model's).
         device: runner device (``None``: CUDA if available, else CPU).
+        enforce_eager: run every step eagerly; ``False`` (default) replays decode-only steps from
+            CUDA graphs captured at start-up for batch sizes up to ``max_num_seqs`` (CUDA only;
+            also skipped in the ops' validation mode, whose value checks read the device).
+        compile_decode: capture ``torch.compile`` of the model's forward in those graphs (fuses
+            the model's elementwise work; compiling adds start-up time). Ignored when eager.
     """
 
     block_size: int = 16
@@ -74,6 +79,8 @@ class EngineConfig:
     seed: int = 0
     dtype: Any = None
     device: Any = None
+    enforce_eager: bool = False
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, 1)
@@ -88,7 +95,8 @@ class EngineConfig:
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_model_len", self.max_model_len, 1, allow_none=True)
-        for name in ("enable_chunked_prefill", "enable_prefix_caching"):
+        for name in ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager",
+                     "compile_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.preemption_mode not in PREEMPTION_MODES:

@@ -12,7 +12,7 @@ from pagedattn.integrations.engine.beam import beam_step
 from pagedattn.integrations.engine.config import EngineConfig
 from pagedattn.integrations.engine.metrics import EngineMetrics
 from pagedattn.integrations.engine.outputs import OutputBuilder
-from pagedattn.integrations.engine.runner import StepInput, make_runner, model_limits
+from pagedattn.integrations.engine.runner import StepInput, make_runner, maybe_capture_graphs, model_limits
 from pagedattn.integrations.engine.sampling import Sampler, SamplingParams
 from pagedattn.integrations.engine.scheduler import Scheduler, SchedulerOutput
 from pagedattn.integrations.engine.sequence import (
@@ -56,6 +56,7 @@ class LLMEngine:
                                           enable_prefix_caching=cfg.enable_prefix_caching,
                                           watermark=cfg.watermark)
         self.scheduler = Scheduler(cfg, self.block_manager, self.max_model_len)
+        self.decode_graphs = maybe_capture_graphs(self.runner, cfg, self.max_model_len)
         self.device = torch.device(getattr(self.runner, "device", "cpu"))
         self.sampler = Sampler(cfg.seed, self.device)
         self.metrics = EngineMetrics(self)
@@ -173,18 +174,18 @@ class LLMEngine:
             tokens = list(itertools.chain.from_iterable(
                 x.seq.token_ids[x.num_computed:x.num_computed + x.num_new_tokens] for x in seqs))
             max_q = int(new.max())
-        dev = self.device
+        # Host tensors (no copies of the numpy arrays): the runner uploads them, a decode step
+        # through its CUDA graphs' pinned buffers.
         qsl = torch.from_numpy(meta.query_start_loc)
         return StepInput(
-            input_ids=torch.tensor(tokens, dtype=torch.int64).to(dev, non_blocking=True),
-            positions=torch.from_numpy(meta.positions).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(meta.slot_mapping).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(np.ascontiguousarray(meta.block_tables)).to(
-                dev, non_blocking=True),
-            seq_lens=torch.from_numpy(meta.seq_lens).to(dev, non_blocking=True),
-            cu_seqlens_q=qsl.to(dev, non_blocking=True),
+            input_ids=torch.tensor(tokens, dtype=torch.int64),
+            positions=torch.from_numpy(meta.positions),
+            slot_mapping=torch.from_numpy(meta.slot_mapping),
+            block_tables=torch.from_numpy(np.ascontiguousarray(meta.block_tables)),
+            seq_lens=torch.from_numpy(meta.seq_lens),
+            cu_seqlens_q=qsl,
             max_query_len=max_q,
-            logits_indices=(qsl[1:].to(torch.int64) - 1).to(dev, non_blocking=True),
+            logits_indices=qsl[1:].to(torch.int64) - 1,
         )
 
     # ------------------------------------------------------------------------ post-process

@@ -3,12 +3,15 @@ object with the same methods): building it, sizing its pools, reading the model'
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pagedattn.integrations.engine.config import EngineConfig
 from pagedattn.integrations.hf.step import StepInput
 
-__all__ = ["StepInput", "is_runner", "make_runner", "model_limits"]
+__all__ = ["StepInput", "is_runner", "make_runner", "maybe_capture_graphs", "model_limits"]
+
+log = logging.getLogger("pagedattn.engine")
 
 
 def is_runner(obj: Any) -> bool:
@@ -64,6 +67,31 @@ def make_runner(model: Any, cfg: EngineConfig) -> tuple[Any, int, int]:
     num_cpu = _num_cpu_blocks(runner, cfg)
     runner.initialize_cache(num_gpu, num_cpu)
     return runner, num_gpu, num_cpu
+
+
+def maybe_capture_graphs(runner: Any, cfg: EngineConfig, max_model_len: int | None) -> Any:
+    """Capture the runner's decode CUDA graphs unless ``cfg.enforce_eager``; the graphs, or None
+    where they do not apply (not CUDA, no ``capture_decode_graphs``, the ops' validation mode, or
+    no known ``max_model_len`` to size the block-table buffer), said once in a log line."""
+    if cfg.enforce_eager or not callable(getattr(runner, "capture_decode_graphs", None)):
+        return None
+    from pagedattn.ops import validation_enabled
+
+    device = getattr(runner, "device", None)
+    reason = ("not on CUDA" if getattr(device, "type", None) != "cuda" else
+              "the ops' validation mode reads device values" if validation_enabled() else
+              "max_model_len is unknown" if max_model_len is None else None)
+    if reason is not None:
+        if getattr(device, "type", None) == "cuda":
+            log.info("decode CUDA graphs off: %s", reason)
+        return None
+    if cfg.compile_decode:
+        graphs = runner.capture_decode_graphs(cfg.max_num_seqs, max_model_len, compile=True)
+    else:
+        graphs = runner.capture_decode_graphs(cfg.max_num_seqs, max_model_len)
+    log.info("decode CUDA graphs captured for %d batch sizes up to %d (%.1f MiB pool)",
+             len(graphs.batch_sizes), graphs.max_batch, graphs.pool_bytes / 2**20)
+    return graphs
 
 
 def model_limits(runner: Any, tokenizer: Any = None) -> tuple[int | None, int | None, list[int]]:

@@ -8,6 +8,7 @@ of each sequence's last new token.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import math
@@ -18,6 +19,7 @@ import torch
 
 from .attention import ATTN_IMPLEMENTATION, register
 from .context import PagedForwardContext, forward_context
+from .cuda_graphs import DecodeGraphs, compile_layers, decoder_layers, eager_stance
 from .kv_cache import PagedKVCache, kv_cache_bytes_per_block
 from .models import architecture_name, check_config_supported, check_model_supported
 from .step import StepInput, make_step_input
@@ -89,6 +91,8 @@ class ModelRunner:
         self.dtype = self.model.dtype
         self.block_size = block_size
         self.kv_cache: Optional[PagedKVCache] = None
+        self.decode_graphs: Optional[DecodeGraphs] = None
+        self._compiled_layers = False
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if num_gpu_blocks is not None:
             self.initialize_cache(num_gpu_blocks, num_cpu_blocks)
@@ -98,7 +102,8 @@ class ModelRunner:
     # -- caches -------------------------------------------------------------------------------
 
     def initialize_cache(self, num_gpu_blocks: int, num_cpu_blocks: int = 0) -> None:
-        """Allocate (or replace) the device and CPU cache pools."""
+        """Allocate (or replace) the device and CPU cache pools (dropping graphs captured on the old ones)."""
+        self.decode_graphs = None
         self.kv_cache = None  # free the old pools first
         self.kv_cache = PagedKVCache(self.spec, num_gpu_blocks, self.block_size, self.dtype, self.device,
                                      num_cpu_blocks=num_cpu_blocks)
@@ -135,17 +140,51 @@ class ModelRunner:
     def execute(self, step: StepInput) -> torch.Tensor:
         """Run one step: write the new tokens' K/V into the caches and return next-token logits.
 
+        A decode-only step replays a captured CUDA graph when :meth:`capture_decode_graphs` ran
+        (the returned logits are then a view of the graph's output: read them before the next step).
+
         Returns:
             [S, vocab_size] float32 logits of the tokens at ``step.logits_indices``.
         """
-        return self._forward(step, self._cache().device_caches)
+        graphs = self.decode_graphs
+        if graphs is not None:
+            batch = graphs.bucket(step)
+            if batch is not None:
+                return graphs.replay(step, batch)
+        return self._forward(step.to(self.device), self._cache().device_caches)
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, compile: bool = False) -> DecodeGraphs:
+        """Capture the decode step in CUDA graphs for batches of up to ``max_num_seqs`` sequences of
+        up to ``max_model_len`` tokens (CUDA only; the caches must be allocated).
+
+        Args:
+            compile: ``torch.compile`` the model's decoder blocks (regional compilation,
+                ``fullgraph=True, dynamic=True``: elementwise work fused, one compilation shared by
+                the blocks and every batch size but 1) before capturing; other steps keep running
+                them eagerly.
+        """
+        caches = self._cache().device_caches
+        head = self.model.get_output_embeddings()
+        vocab = head.weight.shape[0] if head is not None else self.model.config.vocab_size
+        if compile:
+            compile_layers(decoder_layers(self.model, self.spec.num_layers))
+            self._compiled_layers = True
+        graphs = DecodeGraphs(self._graph_forward, caches, self.block_size, max_num_seqs, max_model_len, vocab,
+                              self.device, min_batch=2 if compile else 1)
+        graphs.capture()
+        self.decode_graphs = graphs
+        return graphs
+
+    def _graph_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0]
 
     def _forward(self, step: StepInput, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         ctx = PagedForwardContext(
             slot_mapping=step.slot_mapping, block_tables=step.block_tables, seq_lens=step.seq_lens,
             cu_seqlens_q=step.cu_seqlens_q, max_query_len=step.max_query_len, kv_caches=kv_caches)
         kwargs = dict(input_ids=step.input_ids[None], position_ids=step.positions[None], use_cache=False)
-        with torch.inference_mode(), forward_context(ctx):
+        stance = eager_stance() if self._compiled_layers else contextlib.nullcontext()
+        with torch.inference_mode(), forward_context(ctx), stance:
             if self._keeps_logits:
                 # The model applies its head (and any final logit scaling / soft-cap) to these rows only.
                 logits = self.model(**kwargs, logits_to_keep=step.logits_indices).logits[0]

@@ -12,7 +12,8 @@ import torch
 class StepInput:
     """The input of :meth:`ModelRunner.execute` for ``S`` sequences with ``T`` new tokens in all.
 
-    All tensors live on the runner's device.
+    The tensors live on the runner's device or on the CPU (:meth:`ModelRunner.execute` uploads a
+    host-built step itself: decode steps through pinned buffers, others with :meth:`to`).
 
     Attributes:
         input_ids: [T] int64, every sequence's new tokens back to back.
@@ -39,6 +40,16 @@ class StepInput:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device: Union[str, torch.device]) -> "StepInput":
+        """This step with every tensor on ``device`` (itself when they are all there already)."""
+        device = torch.device(device)
+        names = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "cu_seqlens_q",
+                 "logits_indices")
+        if all(getattr(self, n).device == device for n in names):
+            return self
+        moved = {n: getattr(self, n).to(device, non_blocking=True) for n in names}
+        return StepInput(max_query_len=self.max_query_len, **moved)
 
     @property
     def num_seqs(self) -> int:

@@ -1,0 +1,151 @@
+"""Steady decode of the engine under the profiler: step time against the bandwidth floor, GPU busy fraction.
+
+Run as the ``engine_profile`` system of ``bench/bench_e2e.py`` (its own process). It admits a full
+batch of ShareGPT-like prompts, steps until every prompt is prefilled, then times ``num_steps``
+decode steps of the whole batch:
+
+- ``decode_step_ms``: median wall time of ``LLMEngine.step()`` (schedule, metadata, forward,
+  sampling, outputs; each step ends with the sampler's host sync, so wall time is the step's time).
+- ``floor_ms``: (weight bytes + the batch's K/V bytes) / device-to-device copy rate measured in the
+  same process (bytes read + written per second, as bench_ops.py counts it): what one decode step
+  must at least read. ``decode_step_vs_floor`` is their ratio.
+- ``gpu_busy_fraction``: the union of the GPU kernels' and copies' intervals recorded by
+  ``torch.profiler`` over the timed steps, over the wall time of those steps.
+- ``host_ms``: per phase of a step (schedule, prepare, forward launch, sample + process), from
+  ``time.perf_counter`` around the engine's own calls, medians.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from bench.workloads import _mem
+
+
+def copy_rate_bytes_per_s(nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy rate (bytes read + written per second), median of ``repeats``."""
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / float(np.median(times[2:]))
+
+
+def busy_fraction(prof, wall_s: float) -> float | None:
+    """Union of the device intervals (kernels, memcpy, memset) in ``prof`` over ``wall_s``."""
+    spans = []
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            spans.append((e.time_range.start, e.time_range.end))
+    if not spans:
+        return None
+    spans.sort()
+    busy, (cur_s, cur_e) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    return min(1.0, busy / 1e6 / wall_s)
+
+
+def top_device_ops(prof, num_steps: int, limit: int = 15) -> list[dict]:
+    """The device kernels and copies that took the most time, per step (microseconds)."""
+    totals: dict[str, list[float]] = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            t = totals.setdefault(e.name, [0.0, 0])
+            t[0] += e.time_range.end - e.time_range.start
+            t[1] += 1
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:limit]
+    return [{"name": name[:120], "us_per_step": us / num_steps, "calls_per_step": n / num_steps}
+            for name, (us, n) in rows]
+
+
+class _PhaseTimer:
+    """Wraps the engine's scheduler, metadata, runner and post-processing calls with perf_counter."""
+
+    def __init__(self, eng):
+        self.times: dict[str, list[float]] = {"schedule": [], "prepare": [], "execute": [], "process": []}
+        self.on = False
+        for name, owner, attr in (("schedule", eng.scheduler, "schedule"), ("prepare", eng, "_prepare"),
+                                  ("execute", eng.runner, "execute"), ("process", eng, "_process")):
+            setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
+
+    def _wrap(self, name, fn):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                if self.on:
+                    self.times[name].append(time.perf_counter() - t)
+        return timed
+
+    def medians_ms(self) -> dict:
+        return {k: float(np.median(v)) * 1e3 for k, v in self.times.items() if v}
+
+
+def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
+    from bench.e2e_systems import _make_llm, _pool_info, _warmup_engine
+    from pagedattn.integrations.engine import SamplingParams
+
+    p = w["params"]
+    num_steps = p.get("num_steps", 30)
+    t_start = time.perf_counter()
+    llm = _make_llm(path, dev, p, **p.get("engine_overrides", {}))
+    startup_s = time.perf_counter() - t_start  # load, pool profiling, graph capture (and compilation)
+    _warmup_engine(llm, w)
+    eng = llm.engine
+    eng.stream_outputs = False
+    timer = _PhaseTimer(eng)
+    n = min(len(w["prompts"]), eng.config.max_num_seqs)
+    for i, prompt in enumerate(w["prompts"][:n]):  # every request outlives the timed steps
+        eng.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=num_steps + 64, ignore_eos=True))
+    while eng.scheduler.waiting or any(s.num_computed_tokens < len(s.token_ids) - 1
+                                       for g in eng.scheduler.running for s in g.seqs):
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    running = list(eng.scheduler.running)
+    tokens = sum(len(s.token_ids) for g in running for s in g.seqs)
+    steps = []
+    timer.on = True
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        t_all = time.perf_counter()
+        for _ in range(num_steps):
+            t = time.perf_counter()
+            eng.step()
+            steps.append(time.perf_counter() - t)
+        wall = time.perf_counter() - t_all
+    timer.on = False
+    res = {"status": "ok", "batch_seqs": len(running), "context_tokens": tokens, "num_steps": num_steps,
+           "decode_step_ms": float(np.median(steps)) * 1e3, "decode_step_ms_p90": float(np.percentile(steps, 90)) * 1e3,
+           "host_ms": timer.medians_ms(), "startup_s": startup_s,
+           "engine_overrides": p.get("engine_overrides", {}), "cuda_graphs": eng.decode_graphs is not None,
+           "graph_replays": getattr(eng.decode_graphs, "num_replays", 0), **_pool_info(llm), **_mem(dev)}
+    if dev.startswith("cuda"):
+        res["gpu_busy_fraction"] = busy_fraction(prof, wall)
+        res["top_gpu_ops"] = top_device_ops(prof, num_steps)
+        weights = sum(t.numel() * t.element_size() for t in eng.runner.model.parameters())
+        kv = tokens * eng.runner.kv_cache_bytes_per_block // eng.block_manager.block_size
+        rate = copy_rate_bytes_per_s()
+        res.update(weight_bytes=weights, kv_bytes=kv, copy_rate_gb_s=rate / 1e9,
+                   floor_ms=(weights + kv) / rate * 1e3)
+        res["decode_step_vs_floor"] = res["decode_step_ms"] / res["floor_ms"]
+    emit(res)

@@ -1,0 +1,193 @@
+"""CUDA graphs of the decode step: one captured forward per bucketed batch size, replayed each step.
+
+A decode step (one new token per sequence) of an eager transformers model spends most of its time
+on the host: hundreds of kernel launches through Python. :class:`DecodeGraphs` captures the
+model's whole forward for batch sizes 1, 2, 4, 8, 16, 24, ... up to ``max_num_seqs`` over static
+input buffers, and a step of ``S`` sequences replays the smallest graph of at least ``S`` rows
+after copying its metadata into the buffers. The padding rows write no cache slot
+(``slot_mapping = -1``) and attend one token of block 0 (``seq_lens = 1``), which is always in
+range; their logits are dropped.
+
+The captured kernels read the block tables, lengths and slots from the static buffers, so the
+graphs stay valid while the allocator hands out blocks; they hold the device caches of the
+:class:`~pagedattn.integrations.hf.ModelRunner` they were captured with and must be captured
+again when the caches are replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Optional
+
+import torch
+
+from .context import PagedForwardContext, forward_context
+from .step import StepInput
+
+ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def decoder_layers(model: torch.nn.Module, num_layers: int) -> list[torch.nn.Module]:
+    """The model's repeated decoder blocks: the ``nn.ModuleList`` of ``num_layers`` modules of one class
+    (``model.model.layers`` in Llama, ``transformer.h`` in GPT-2, ``model.decoder.layers`` in OPT)."""
+    for module in model.modules():
+        if (isinstance(module, torch.nn.ModuleList) and len(module) == num_layers
+                and len({type(m) for m in module}) == 1):
+            return list(module)
+    raise ValueError(f"{type(model).__name__} has no ModuleList of {num_layers} identical decoder layers")
+
+
+def compile_layers(layers: list[torch.nn.Module]) -> None:
+    """``torch.compile`` each decoder block in place (regional compilation: the blocks share one
+    compiled graph, so compiling costs about one block, not the whole model). Idempotent."""
+    for layer in layers:
+        if getattr(layer, "_compiled_call_impl", None) is None:
+            layer.compile(fullgraph=True, dynamic=True)
+
+
+def eager_stance():
+    """A context in which compiled modules run eagerly (prefill steps keep the eager path, so
+    their varying shapes never recompile the decode graph's blocks)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The captured batch sizes: 1, 2, 4, 8, then every multiple of 8 up to ``max_num_seqs`` (rounded up)."""
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
+    return [b for b in sizes if b < max_num_seqs] + [next(b for b in sizes if b >= max_num_seqs)]
+
+
+class DecodeGraphs:
+    """Captured decode steps of one model over one set of device caches.
+
+    Args:
+        forward: ``forward(input_ids [1, B] int64, position_ids [1, B] int64)`` returning the
+            logits ``[B, vocab]`` (any float dtype) of every row; called inside the forward
+            context that :meth:`capture` sets.
+        kv_caches: per layer ``(key_cache, value_cache)``, the caches the graphs read and write.
+        block_size: tokens per cache block.
+        max_num_seqs: the most sequences of a step (the largest graph).
+        max_model_len: the longest sequence; the block-table buffer has
+            ``ceil(max_model_len / block_size)`` columns.
+        vocab_size: logits per row.
+        device: the CUDA device of the model and caches.
+        min_batch: the smallest graph (2 for compiled blocks: a batch of 1 would compile them
+            again for that size; one sequence then runs padded to two rows).
+    """
+
+    def __init__(self, forward: ForwardFn, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 max_num_seqs: int, max_model_len: int, vocab_size: int, device: torch.device,
+                 min_batch: int = 1):
+        if torch.device(device).type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA device, got {device}")
+        if max_model_len < 1 or block_size < 1 or vocab_size < 1:
+            raise ValueError(f"max_model_len, block_size and vocab_size must be >= 1, got "
+                             f"{max_model_len}, {block_size}, {vocab_size}")
+        self.forward = forward
+        self.kv_caches = kv_caches
+        sizes = graph_batch_sizes(max_num_seqs)
+        self.batch_sizes = [b for b in sizes if b >= min_batch] or sizes[-1:]
+        self.max_batch = self.batch_sizes[-1]
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.device = torch.device(device)
+        n, w, i64, i32 = self.max_batch, self.max_blocks_per_seq, torch.int64, torch.int32
+        # Static inputs: ids, positions and slots are rows of one buffer (one upload per step).
+        self._ids_pos_slots = torch.zeros((3, n), dtype=i64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self._ids_pos_slots.unbind(0)
+        self.slot_mapping.fill_(-1)
+        self.block_tables = torch.zeros((n, w), dtype=i32, device=device)
+        self.seq_lens = torch.ones(n, dtype=i32, device=device)
+        self.cu_seqlens_q = torch.arange(n + 1, dtype=i32, device=device)
+        # Pinned host staging of the same, so host-built steps upload without a synchronous copy.
+        self._host_ids_pos_slots = torch.zeros((3, n), dtype=i64, pin_memory=True)
+        self._host_block_tables = torch.zeros((n, w), dtype=i32, pin_memory=True)
+        self._host_seq_lens = torch.ones(n, dtype=i32, pin_memory=True)
+        self._uploaded = torch.cuda.Event()
+        self.logits = torch.empty((n, vocab_size), dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool_bytes = 0
+        #: steps served by a replay (a figure for the engine's metrics and the tests)
+        self.num_replays = 0
+
+    def _context(self, batch: int) -> PagedForwardContext:
+        return PagedForwardContext(
+            slot_mapping=self.slot_mapping[:batch], block_tables=self.block_tables[:batch],
+            seq_lens=self.seq_lens[:batch], cu_seqlens_q=self.cu_seqlens_q[:batch + 1], max_query_len=1,
+            kv_caches=self.kv_caches)
+
+    def _run(self, batch: int) -> None:
+        with forward_context(self._context(batch)):
+            out = self.forward(self.input_ids[None, :batch], self.positions[None, :batch])
+        self.logits[:batch].copy_(out)
+
+    def capture(self) -> None:
+        """Capture every batch size, largest first (the smaller graphs reuse its memory pool)."""
+        if self.graphs:
+            return
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_reserved(self.device)
+        pool = None
+        with torch.inference_mode():
+            for batch in reversed(self.batch_sizes):
+                self._run(batch)  # warm-up: compiles kernels, settles lazy initialisation
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._run(batch)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[batch] = graph
+        torch.cuda.synchronize(self.device)
+        self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
+
+    def bucket(self, step: StepInput) -> Optional[int]:
+        """The graph batch size for ``step``, or None when it cannot be replayed (not decode-only,
+        more sequences than the largest graph, or a block table wider than the buffer)."""
+        num_seqs = step.num_seqs
+        if (not self.graphs or step.max_query_len != 1 or step.num_tokens != num_seqs
+                or num_seqs > self.max_batch or step.block_tables.shape[1] > self.max_blocks_per_seq):
+            return None
+        for b in self.batch_sizes:
+            if b >= num_seqs:
+                return b
+        return None
+
+    def replay(self, step: StepInput, batch: int) -> torch.Tensor:
+        """Copy ``step``'s metadata into the buffers, replay the ``batch`` graph and return the
+        ``[S, vocab]`` float32 logits (a view of the static output: read it before the next step).
+
+        A step built on the host (CPU tensors) goes through pinned staging buffers: three
+        asynchronous uploads. Padding rows ``S..batch`` write no slot and attend one key of block 0.
+        """
+        s, width = step.num_seqs, step.block_tables.shape[1]
+        if step.input_ids.device.type == "cpu":
+            self._uploaded.synchronize()  # the previous step's uploads have left the staging buffers
+            host = self._host_ids_pos_slots
+            host[0, :s] = step.input_ids
+            host[1, :s] = step.positions
+            host[2, :s] = step.slot_mapping
+            host[2, s:batch] = -1
+            self._host_seq_lens[:s] = step.seq_lens
+            self._host_seq_lens[s:batch] = 1
+            self._host_block_tables[:s, :width] = step.block_tables
+            self._host_block_tables[s:batch, 0] = 0
+            self._ids_pos_slots[:, :batch].copy_(host[:, :batch], non_blocking=True)
+            self.seq_lens[:batch].copy_(self._host_seq_lens[:batch], non_blocking=True)
+            self.block_tables[:batch, :width].copy_(self._host_block_tables[:batch, :width], non_blocking=True)
+            self._uploaded.record()
+        else:
+            self.input_ids[:s].copy_(step.input_ids)
+            self.positions[:s].copy_(step.positions)
+            self.slot_mapping[:s].copy_(step.slot_mapping)
+            self.block_tables[:s, :width].copy_(step.block_tables)
+            self.seq_lens[:s].copy_(step.seq_lens)
+            if batch > s:
+                self.slot_mapping[s:batch].fill_(-1)
+                self.seq_lens[s:batch].fill_(1)
+                self.block_tables[s:batch, 0].fill_(0)
+        self.graphs[batch].replay()
+        self.num_replays += 1
+        return self.logits[:s]
