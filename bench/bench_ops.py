@@ -2,14 +2,16 @@
 """Microbenchmarks of the pagedattn ops on one GPU, against the card's measured limits.
 
     python bench/bench_ops.py            # full run (< 4 min on an H100), writes bench/results/<card>/ops.json,
-                                         # ops_block_size.png and the headline figures of bench/results/summary.json
+                                         # ops_block_size.png, ops_batch_ctx.png and the headline figures of
+                                         # bench/results/summary.json
     python bench/bench_ops.py --quick    # shorter timings, no tuning sweep
     python bench/bench_ops.py --dry-run  # CPU plumbing check: tiny shapes, Triton interpreter, results in a temp dir
     pytest bench/bench_ops.py --benchmark-only   # pytest-benchmark entries (skipped without CUDA)
 
 Sections (each one fails on its own, its error kept in the JSON): physical limits (copy bandwidth,
 bf16 matmul), decode at the main shape against SDPA on contiguous K/V and gather-then-SDPA with a
-small layout / split / tuning sweep, long contexts, reshape_and_cache, copy_blocks, block sizes.
+small layout / split / tuning sweep, long contexts, reshape_and_cache, copy_blocks, block sizes,
+FlexAttention over a paged cache and a batch x context sweep (both in bench/ops_sweeps.py).
 Every decode result carries its max abs difference from SDPA; a wrong kernel fails loudly.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from bench import harness as hx  # noqa: E402
 from bench.harness import TIMING, card_slug, fmt, free, print_failures_and_figures, rec, run_sections, sync, timeit  # noqa: E402,F401
+from bench.ops_sweeps import sec_batch_ctx_sweep, sec_flex_paged  # noqa: E402
 from pagedattn.ops import (DEFAULT_LAYOUT, allocate_kv_cache, copy_blocks, launchers,  # noqa: E402
                            paged_decode_attention, reshape_and_cache, set_backend)
 
@@ -47,12 +50,14 @@ FULL = SimpleNamespace(
     heads=32, kv_heads=8, head_size=128, dtype=torch.bfloat16, seqs=64, seq_len=4096, block=16,
     long=[(1, 32768), (4, 32768), (1, 131072), (4, 131072)], rc_tokens=16384,
     cb_layers=8, cb_blocks=8192, cb_pairs=2048, copy_bytes=2 << 30, mm=8192,
-    block_sizes=[8, 16, 32, 64, 128, 256], warmup=25, rep=100, cpu_reps=0)
+    block_sizes=[8, 16, 32, 64, 128, 256], flex_pages=[16, 128], sweep_batches=[1, 8, 32, 128],
+    sweep_ctx=[512, 2048, 8192], sweep_max_kv_bytes=8 << 30, warmup=25, rep=100, cpu_reps=0)
 DRY = SimpleNamespace(
     heads=8, kv_heads=2, head_size=64, dtype=torch.bfloat16, seqs=2, seq_len=128, block=16,
     long=[(1, 256), (2, 256), (1, 512), (2, 512)], rc_tokens=64,
     cb_layers=2, cb_blocks=64, cb_pairs=16, copy_bytes=1 << 20, mm=128,
-    block_sizes=[8, 16, 32], warmup=0, rep=0, cpu_reps=2)
+    block_sizes=[8, 16, 32], flex_pages=[16, 32], sweep_batches=[1, 2], sweep_ctx=[64, 128],
+    sweep_max_kv_bytes=100_000, warmup=0, rep=0, cpu_reps=2)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -322,6 +327,9 @@ def figures(res) -> dict:
         x = res.get(sec, {}).get("default", {})
         if x.get("ok") and x.get("copy_bw_fraction"):
             out[name] = (x["copy_bw_fraction"], ">= 0.7")
+    fx = res.get("flex_paged", {})
+    if fx.get("validated") and "ours_vs_flex" in fx:
+        out["decode_vs_flex_paged"] = (fx["ours_vs_flex"], "<= 1.0")
     return out
 
 
@@ -350,7 +358,25 @@ def print_table(res, figs):
             if isinstance(x, dict) and k != "default":
                 print(f"{sec} {k}: {fmt(x.get('ms'), '.4f')} ms, bw frac {fmt(x.get('copy_bw_fraction'))}, "
                       f"ok {x.get('ok')} {x.get('error', '')}")
+    print_sweeps(res)
     print_failures_and_figures(res, figs)
+
+
+def print_sweeps(res):
+    """FlexAttention paged and the batch x context sweep, one line each."""
+    fx = res.get("flex_paged", {})
+    for k, x in fx.get("flex", {}).items():
+        print(f"flex {k}: " + (f"{fmt(x['ms'])} ms, ours/flex {fmt(x.get('ours_vs_flex'))}, bw frac "
+                               f"{fmt(x['copy_bw_fraction'])}, maxdiff vs ours {fmt(x['max_abs_diff_vs_ours'], '.1e')}"
+                               f" ({x['timing']}{', compiled' if x['compiled'] else ', eager'})"
+                               if "ms" in x else f"unavailable: {x.get('unavailable', '?')[:120]}"))
+    for x in res.get("batch_ctx_sweep", {}).get("rows", []):
+        o, s = x.get("ours", {}), x.get("sdpa", {})
+        print(f"sweep {x['seqs']:>4}x{x['seq_len']:<6} " + (
+            x.get("skipped") or x.get("error") or o.get("error") or
+            f"ours {fmt(o.get('ms'))} ms (bw {fmt(o.get('copy_bw_fraction'))})  sdpa {fmt(s.get('ms'))} ms "
+            f"(bw {fmt(s.get('copy_bw_fraction'))})  ours/sdpa {fmt(x.get('ours_vs_sdpa'))}"
+            f"{'' if o.get('ok', True) else '  WRONG RESULT'}"))
 
 
 def main(argv=None):
@@ -373,7 +399,7 @@ def main(argv=None):
     set_backend(args.backend or ("triton" if args.dry_run else "auto"))
     torch.manual_seed(0)
     from bench.summary import card_name, update_figures
-    from bench.plot_ops import plot_block_size
+    from bench.plot_ops import plot_batch_ctx, plot_block_size
 
     card = card_name()
     res = {"card": card, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
@@ -381,7 +407,8 @@ def main(argv=None):
            "device": str(hx.DEV), "dry_run": args.dry_run, "timing": args.timing}
     sections = [("physical", sec_physical, ()), ("decode", sec_decode, (args.quick,)), ("long_ctx", sec_long, ()),
                 ("reshape_and_cache", sec_reshape, ()), ("copy_blocks", sec_copy_blocks, ()),
-                ("block_size", sec_block_sizes, ())]
+                ("block_size", sec_block_sizes, ()), ("batch_ctx_sweep", sec_batch_ctx_sweep, (args.quick,)),
+                ("flex_paged", sec_flex_paged, (args.quick,))]  # flex last: a compiler fault can't spoil the rest
     run_sections(res, sections, sh)
 
     out_dir = Path(args.out) if args.out else (
@@ -389,10 +416,11 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = figures(res)
     res["figures"] = {k: {"value": v, "goal": g} for k, (v, g) in figs.items()}
-    try:
-        plot_block_size(res, out_dir / "ops_block_size.png")
-    except Exception as e:  # noqa: BLE001
-        res["plot_error"] = f"{type(e).__name__}: {e}"
+    for plot, png in ((plot_block_size, "ops_block_size.png"), (plot_batch_ctx, "ops_batch_ctx.png")):
+        try:
+            plot(res, out_dir / png)
+        except Exception as e:  # noqa: BLE001
+            res.setdefault("plot_errors", {})[png] = f"{type(e).__name__}: {e}"
     (out_dir / "ops.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     command = "python bench/bench_ops.py" + (" --quick" if args.quick else "")
     if args.dry_run:

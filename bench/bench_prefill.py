@@ -3,6 +3,10 @@
 
     python bench/bench_prefill.py            # full run (< 90 s on an H100): bench/results/<card>/prefill.json
                                              # and the prefill figures of bench/results/summary.json
+    python bench/bench_prefill.py --sweep-only   # the kernel variants (PREFILL_VARIANTS) on the two SDPA
+                                             # shapes only, each validated then timed: prefill_sweep.json
+    python bench/bench_prefill.py --compile-report   # no GPU needed: each variant compiled for sm_90a,
+                                             # registers / spills / shared memory / pipelining depth
     python bench/bench_prefill.py --dry-run  # CPU plumbing check: tiny shapes, Triton interpreter, temp dir
     pytest bench/bench_prefill.py --benchmark-only   # pytest-benchmark entries (skipped without CUDA)
 
@@ -42,7 +46,8 @@ from bench import harness as hx  # noqa: E402  (hx.DEV is rebound by --dry-run)
 from bench.bench_ops import (DRY, FULL, TOL, _synced, fill_caches, make_case, max_diff, needs_cuda,  # noqa: E402
                              ours_fn, sdpa, sec_physical)
 from bench.harness import TIMING, card_slug, free, rec, sync, timeit  # noqa: E402
-from pagedattn.ops import DEFAULT_LAYOUT, get_backend, paged_prefill_attention, set_backend  # noqa: E402
+from pagedattn.ops import (DEFAULT_LAYOUT, allocate_kv_cache, get_backend, paged_prefill_attention,  # noqa: E402
+                           set_backend)
 
 
 PFULL = SimpleNamespace(**{**vars(FULL), "prefill": (8, 2048, 0), "prefix": (8, 512, 1536),
@@ -162,36 +167,193 @@ def sec_vs_sdpa(r, sh, shape):
     ms, mode = timed(ours, sh)
     r["ours"] = {"ms": ms, "timing": mode, "TFLOPs": tflops(pairs, ms, sh)}
     r["ours_vs_sdpa"] = ms / r["sdpa"]["ms"]
-    if hx.DEV.type == "cuda":
+    if SWEEP["variants"] and (hx.DEV.type == "cuda" or SWEEP["on_cpu"]):
         r["tuning"] = tuning_sweep(qp, kc, vc, bt, lens, cu_of([new] * S), new, ref, S, H, D, pairs, sh,
                                    r["sdpa"]["ms"])
 
 
-PREFILL_VARIANTS = ({"tile_n": 128}, {"num_stages": 3}, {"num_stages": 4}, {"num_warps": 4}, {"block_m": 64},
-                    {"tile_n": 128, "num_stages": 3}, {"tile_n": 32, "num_stages": 3})
+# The prefill kernel's variants (launchers.PREFILL_TUNING overrides of the current defaults, v2), each validated
+# against SDPA and timed against the defaults re-timed in the same sweep. Predictions: bench/NOTES.md, "Prefill v2".
+V1 = {"softmax": "base", "offdiag": "masked", "order": "forward", "tile_n": 64, "num_stages": 3, "maxnreg": 0}
+PREFILL_VARIANTS = {
+    "default": {},
+    "v1": V1,                                                  # the first version's choices
+    "tile64_stages5": {"tile_n": 64, "num_stages": 5, "maxnreg": 0},
+    "stages7": {"num_stages": 7},
+    "no_maxnreg": {"maxnreg": 0},
+    "fold_q": {"softmax": "fold_q"},
+    "masked": {"offdiag": "masked"},
+    "forward": {"order": "forward"},
+    "heads_inner": {"order": "reverse_heads_inner"},
+    "block": {"kv_addr": "block"},
+    "diag1": {"diag_stages": 1},
+    "bm64": {"block_m": 64},                                   # 4 warps, 3 programs / SM
+    "bm256_stages5": {"block_m": 256, "num_warps": 16, "tile_n": 64, "maxnreg": 0},  # 16 warps, 1 / SM
+}
+
+#: set by main(): which variants the SDPA sections sweep (none: no sweep), whether a CPU run sweeps too, and
+#: the time after which variants not yet compiled are skipped (the sweep must fit one device call)
+SWEEP = {"variants": [], "on_cpu": False, "deadline": float("inf"), "done": set()}
+
+
+def kernel_stats() -> dict:
+    """Registers, spills and shared memory of the last prefill kernel launched on CUDA."""
+    from pagedattn.ops import launchers
+
+    k = launchers.LAST_PREFILL_KERNEL[0]
+    if k is None:
+        return {}
+    try:
+        return {"regs": k.n_regs, "spills": k.n_spills, "smem": k.metadata.shared}
+    except Exception as e:  # noqa: BLE001
+        return {"stats_error": f"{type(e).__name__}: {e}"}
 
 
 def tuning_sweep(qp, kc, vc, bt, lens, cu, new, ref, S, H, D, pairs, sh, sdpa_ms) -> dict:
-    """PREFILL_TUNING variants one at a time around the defaults, each validated before it is timed."""
+    """PREFILL_VARIANTS (those chosen in SWEEP), each validated against SDPA (max abs diff) before it is timed."""
     from pagedattn.ops import launchers
 
     rows = {}
-    for variant in PREFILL_VARIANTS:
-        name = "_".join(f"{k}{v}" for k, v in variant.items())
+    sweep_sh = SimpleNamespace(**{**vars(sh), "rep": max(1, sh.rep // 4)})  # 25 ms graphs: the sweep stays short
+    for name in SWEEP["variants"]:
+        variant = PREFILL_VARIANTS[name]
+        if name not in SWEEP["done"] and time.perf_counter() > SWEEP["deadline"]:
+            rows[name] = {"tuning": variant, "error": "skipped: --sweep-budget spent"}
+            continue
+        SWEEP["done"].add(name)
         saved = dict(launchers.PREFILL_TUNING)
+        launchers.LAST_PREFILL_KERNEL[0] = None
+        t0 = time.perf_counter()
         try:
             launchers.PREFILL_TUNING.update(variant)
             fn = prefill_fn(qp, kc, vc, bt, lens, cu, new)
             valid = check(fn().view(S, new, H, D).transpose(1, 2), ref)
-            ms, _ = timed(fn, sh)
-            rows[name] = {"ms": ms, "vs_sdpa": ms / sdpa_ms, "TFLOPs": tflops(pairs, ms, sh), "ok": valid["ok"]}
+            row = {"tuning": variant, "ok": valid["ok"], "max_abs_diff": valid["max_abs_diff"], **kernel_stats()}
+            if valid["ok"]:
+                ms, _ = timed(fn, sweep_sh)
+                row.update(ms=ms, vs_sdpa=ms / sdpa_ms, TFLOPs=tflops(pairs, ms, sh))
+            else:
+                row["FAILED"] = f"differs from SDPA by {valid['max_abs_diff']:.3g} > {valid['tol']:.3g}: not timed"
         except Exception as e:  # noqa: BLE001
-            rows[name] = {"error": f"{type(e).__name__}: {e}"}
+            row = {"tuning": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         finally:
             launchers.PREFILL_TUNING.clear()
             launchers.PREFILL_TUNING.update(saved)
-        print(f"  prefill variant {name}: {rows[name]}", flush=True)
+            free()
+        row["seconds"] = time.perf_counter() - t0
+        rows[name] = row
+    base = rows.get("default", {}).get("ms")
+    for row in rows.values():
+        if base and "ms" in row:
+            row["vs_default"] = row["ms"] / base
+    print_sweep(rows)
     return rows
+
+
+def print_sweep(rows):
+    print(f"  {'variant':<30}{'ms':>8}{'/sdpa':>7}{'/dflt':>7}{'TF':>6}{'regs':>6}{'spill':>6}{'smem':>8}"
+          f"{'maxdiff':>9}{'s':>6}")
+    for name, x in sorted(rows.items(), key=lambda kv: kv[1].get("ms", float("inf"))):
+        if "error" in x or "ms" not in x:
+            why = x.get("error") or x.get("FAILED")
+            print(f"  {name:<30}  {why[:150]}")
+            continue
+        print(f"  {name:<30}{x['ms']:>8.3f}{x['vs_sdpa']:>7.2f}{fmt(x.get('vs_default'), '.3f'):>7}"
+              f"{x['TFLOPs']:>6.0f}{fmt(x.get('regs'), 'd'):>6}{fmt(x.get('spills'), 'd'):>6}"
+              f"{fmt(x.get('smem'), 'd'):>8}{x['max_abs_diff']:>9.2e}{x['seconds']:>6.1f}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- compile report
+
+def compile_report(names, target_arch=90) -> dict:
+    """Compile each variant's kernel for sm_<arch>a without launching it (no GPU needed; not under the
+    interpreter): registers and spills from ptxas, shared memory, and the TTGIR's pipelining: K/V buffers and
+    the largest async_wait count in the loops (0: each iteration waits for every copy in flight, including the
+    next tile's K/V issued at the end of the previous iteration, so only one tile is prefetched and its
+    latency is hidden behind little more than the P @ V product).
+
+    Uses Triton internals (JITFunction binder and _pack_args, Triton 3.6); the main shape's compile-time
+    constants come from a one-sequence stand-in with the same hint (max_query_len) and strides' alignment."""
+    import re
+    import subprocess
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from pagedattn.ops import launchers
+
+    target = GPUTarget("cuda", target_arch, 32)
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    out = {}
+
+    class Offline:
+        """Stands in for the kernel in launchers: compiles for `target` instead of launching."""
+
+        def __init__(self, jit):
+            self.jit = jit
+
+        def __getitem__(self, grid):
+            def compile_only(*args, **kwargs):
+                kwargs["DOT_F32"] = False  # CPU tensors here; bf16 dots on the GPU
+                if kwargs.get("num_warps") == 8 and launchers.PREFILL_TUNING["maxnreg"]:
+                    cap = launchers.PREFILL_TUNING["maxnreg"]
+                    kwargs["maxnreg"] = 128 if cap == "auto" else cap
+                backend = make_backend(target)
+                binder = create_function_from_signature(self.jit.signature, self.jit.params, backend)
+                bound, spec, opts = binder(*args, **kwargs)
+                opts, sig, consts, attrs = self.jit._pack_args(backend, kwargs, bound, spec, opts)
+                k = triton.compile(ASTSource(self.jit, sig, consts, attrs), target=target, options=opts.__dict__)
+                with tempfile.TemporaryDirectory() as tmp:
+                    (Path(tmp) / "k.ptx").write_text(k.asm["ptx"])
+                    res = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{target_arch}a", str(Path(tmp) / "k.ptx"),
+                                          "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+                regs = re.search(r"Used (\d+) registers", res.stderr)
+                spill = re.search(r"(\d+) bytes spill stores", res.stderr)
+                ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
+                kv_buf = r"memdesc<(\d+)x\d+x\d+x(?:bf16|f16|f32), #shared\d*, #smem, mutable>"
+                buffers = [int(b) for b in re.findall(kv_buf, ttgir)]
+                waits = [int(w) for w in re.findall(r"async_wait[^{]*\{num = (\d+)", ttgir)]
+                self.last = {"regs": int(regs.group(1)) if regs else None,
+                             "spill_bytes": int(spill.group(1)) if spill else None,
+                             "smem": k.metadata.shared, "kv_buffers": max(buffers) if buffers else None,
+                             "max_async_wait": max(waits) if waits else None, "wgmma": ptx.count("wgmma.mma_async"),
+                             "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+                             "ptxas": res.stderr.strip()[-300:] if res.returncode else ""}
+                return self.last
+            return compile_only
+
+    sh = PFULL
+    new = sh.prefill[1]
+    L = 256
+    dt = sh.dtype
+    q = torch.zeros(L, sh.heads, sh.head_size, dtype=dt)
+    kc, vc = allocate_kv_cache(L // sh.block, sh.block, sh.kv_heads, sh.head_size, dt, "cpu", DEFAULT_LAYOUT)
+    bt = torch.arange(L // sh.block, dtype=torch.int32).view(1, -1)
+    lens = torch.tensor([L], dtype=torch.int32)
+    cu = torch.tensor([0, L], dtype=torch.int32)
+    o = torch.empty_like(q)
+    real = launchers.paged_prefill_kernel
+    launchers.paged_prefill_kernel = Offline(real)
+    try:
+        for name in names:
+            saved = dict(launchers.PREFILL_TUNING)
+            t0 = time.perf_counter()
+            try:
+                launchers.PREFILL_TUNING.update(PREFILL_VARIANTS[name])
+                launchers.paged_prefill(o, q, kc, vc, bt, lens, cu, new, sh.head_size ** -0.5, 0, 0.0, None, None)
+                row = dict(launchers.paged_prefill_kernel.last)
+            except Exception as e:  # noqa: BLE001
+                row = {"error": f"{type(e).__name__}: {str(e)[-300:]}"}
+            finally:
+                launchers.PREFILL_TUNING.clear()
+                launchers.PREFILL_TUNING.update(saved)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            out[name] = row
+            print(f"  {name:<30}{row}", flush=True)
+    finally:
+        launchers.paged_prefill_kernel = real
+    return out
 
 
 def sec_mixed(r, sh):
@@ -297,6 +459,16 @@ def print_table(res, figs):
     hx.print_failures_and_figures(res, figs)
 
 
+def parse_variants(text):
+    if text in (None, "", "all"):
+        return list(PREFILL_VARIANTS)
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in PREFILL_VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(PREFILL_VARIANTS)}")
+    return (["default"] if "default" not in names else []) + names  # the baseline is always re-timed
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter, temp dir")
@@ -304,13 +476,38 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="results directory (default bench/results/<card>)")
     ap.add_argument("--timing", choices=["graph", "eager"], default="graph",
                     help="time CUDA-graph replays (device time, the default) or eager calls")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also run the kernel-variant sweep in the two SDPA sections (about 2 min more on an H100)")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the two SDPA sections with the variant sweep; writes prefill_sweep.json, no figures")
+    ap.add_argument("--sweep-budget", type=float, default=150.0,
+                    help="seconds from the start after which variants not compiled yet are skipped (default 150)")
+    ap.add_argument("--variants", default="all",
+                    help=f"comma-separated subset of the sweep (default all; 'default' is always added): "
+                         f"{', '.join(PREFILL_VARIANTS)}")
+    ap.add_argument("--compile-report", action="store_true",
+                    help="no GPU: compile each variant for sm_90a and report registers, spills, shared memory and "
+                         "pipelining depth (must not run under TRITON_INTERPRET)")
     args = ap.parse_args(argv)
+    variants = parse_variants(args.variants)
+    if args.compile_report:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            sys.exit("--compile-report compiles for a GPU: unset TRITON_INTERPRET")
+        rows = compile_report(variants)
+        path = Path(args.out or tempfile.mkdtemp(prefix="bench_prefill_")) / "prefill_compile_report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = {"triton": triton.__version__, "target": "sm_90a", "variants": rows}
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
+        return rows
     TIMING["mode"] = args.timing
     sh = PDRY if args.dry_run else PFULL
     if args.dry_run:
         hx.DEV = torch.device("cpu")
     elif hx.DEV.type != "cuda":
-        sys.exit("no CUDA device: use --dry-run for a CPU plumbing check")
+        sys.exit("no CUDA device: use --dry-run for a CPU plumbing check (or --compile-report)")
+    if args.sweep or args.sweep_only:
+        SWEEP.update(variants=variants, on_cpu=args.dry_run, deadline=time.perf_counter() + args.sweep_budget)
     set_backend(args.backend or ("triton" if args.dry_run else "auto"))
     torch.manual_seed(0)
     from bench.summary import card_name, update_figures
@@ -322,10 +519,12 @@ def main(argv=None):
     sections = [("physical", sec_physical, ()), ("prefill", sec_vs_sdpa, (sh.prefill,)),
                 ("prefill_prefix", sec_vs_sdpa, (sh.prefix,)), ("mixed", sec_mixed, ()),
                 ("decode_main", sec_decode_main, ())]
+    if args.sweep_only:
+        sections = [x for x in sections if x[0] in ("physical", "prefill", "prefill_prefix")]
     hx.run_sections(res, sections, sh)
     mm = res["physical"].get("matmul_bf16", {}).get("TFLOPs")
     for x in (res["prefill"].get("ours"), res["prefill"].get("sdpa"), res["prefill_prefix"].get("ours"),
-              res["prefill_prefix"].get("sdpa"), res["mixed"].get("mixed")):
+              res["prefill_prefix"].get("sdpa"), res.get("mixed", {}).get("mixed")):
         if x and mm:
             x["matmul_fraction"] = x["TFLOPs"] / mm
 
@@ -334,14 +533,17 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = figures(res)
     res["figures"] = {k: {"value": v, "goal": g} for k, (v, g) in figs.items()}
-    (out_dir / "prefill.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    name = "prefill_sweep.json" if args.sweep_only else "prefill.json"
+    (out_dir / name).write_text(json.dumps(res, indent=2, default=str) + "\n")
     command = "python bench/bench_prefill.py"
-    if args.dry_run:
+    if args.sweep_only:
+        pass  # a sweep's figures are the defaults' again: the full run records them
+    elif args.dry_run:
         update_figures(figs, card=card, command=command + " --dry-run", path=out_dir / "summary.json")
     elif figs:
         update_figures(figs, card=card, command=command)
     print_table(res, figs)
-    print(f"wrote {out_dir / 'prefill.json'}")
+    print(f"wrote {out_dir / name}")
     return res
 
 

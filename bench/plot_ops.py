@@ -1,6 +1,6 @@
-"""Plot of the block-size sweep of ``bench/bench_ops.py``.
+"""Plots of the block-size and batch x context sweeps of ``bench/bench_ops.py``.
 
-    python bench/plot_ops.py bench/results/<card>/ops.json   # redraws ops_block_size.png next to it
+    python bench/plot_ops.py bench/results/<card>/ops.json   # redraws ops_block_size.png and ops_batch_ctx.png
 """
 from __future__ import annotations
 
@@ -52,7 +52,56 @@ def plot_block_size(res: dict, path) -> None:
     plt.close(fig)
 
 
+def plot_batch_ctx(res: dict, path) -> None:
+    """Decode time and fraction of copy bandwidth vs context length, one colour per batch size:
+    pagedattn solid, SDPA on contiguous K/V dashed (the ``batch_ctx_sweep`` section)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sec = res.get("batch_ctx_sweep", {})
+    rows = [r for r in sec.get("rows", []) if "ms" in r.get("ours", {}) and "ms" in r.get("sdpa", {})]
+    if not rows:
+        raise ValueError(f"no batch x context measurements to plot ({sec.get('error', 'all failed or skipped')})")
+    batches = sorted({r["seqs"] for r in rows})
+    ctxs = sorted({r["seq_len"] for r in rows})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, b in enumerate(batches):
+        pts = sorted((r for r in rows if r["seqs"] == b), key=lambda r: r["seq_len"])
+        x = [r["seq_len"] for r in pts]
+        color = f"C{i % 10}"
+        for sysname, ls, label in (("ours", "o-", f"pagedattn, batch {b}"), ("sdpa", "s--", f"SDPA, batch {b}")):
+            ax1.plot(x, [r[sysname]["ms"] for r in pts], ls, color=color, label=label)
+            frac = [r[sysname].get("copy_bw_fraction") for r in pts]
+            if all(f is not None for f in frac):
+                ax2.plot(x, frac, ls, color=color, label=label)
+    ax1.set(xlabel="context length (tokens)", ylabel="time (ms, median)", title="decode time", yscale="log")
+    ax2.set(xlabel="context length (tokens)", ylabel="K/V bytes read / s  ÷  copy bandwidth",
+            title="fraction of measured copy bandwidth")
+    ax2.axhline(1.0, color="gray", lw=0.8)
+    ax2.set_ylim(bottom=0)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ctxs, [str(c) for c in ctxs])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=7, loc="best", ncol=2)
+    g = sec.get("grid", {})
+    keys = ("heads", "kv_heads", "head_size", "dtype", "block_size", "layout")
+    desc = ", ".join(f"{k}={g[k]}" for k in keys if k in g)
+    fig.suptitle(f"{res.get('card', '?')}: pagedattn (solid) vs SDPA on contiguous K/V (dashed); {desc}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     src = Path(sys.argv[1])
-    plot_block_size(json.loads(src.read_text()), src.with_name("ops_block_size.png"))
-    print("wrote", src.with_name("ops_block_size.png"))
+    res = json.loads(src.read_text())
+    for plot, name in ((plot_block_size, "ops_block_size.png"), (plot_batch_ctx, "ops_batch_ctx.png")):
+        try:
+            plot(res, src.with_name(name))
+            print("wrote", src.with_name(name))
+        except ValueError as e:
+            print(f"skipped {name}: {e}")

@@ -17,6 +17,7 @@ again when the caches are replaced.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from typing import Callable, Optional
 
@@ -131,15 +132,24 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
         pool = None
-        with torch.inference_mode():
-            for batch in reversed(self.batch_sizes):
-                self._run(batch)  # warm-up: compiles kernels, settles lazy initialisation
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._run(batch)
-                pool = graph.pool() if pool is None else pool
-                self.graphs[batch] = graph
+        # No garbage collection while capturing: collecting an older engine's graphs, events or
+        # pinned buffers calls CUDA functions that invalidate the capture (seen in the GPU tests).
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.inference_mode():
+                for batch in reversed(self.batch_sizes):
+                    self._run(batch)  # warm-up: compiles kernels, settles lazy initialisation
+                    torch.cuda.synchronize(self.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._run(batch)
+                    pool = graph.pool() if pool is None else pool
+                    self.graphs[batch] = graph
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         torch.cuda.synchronize(self.device)
         self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
 

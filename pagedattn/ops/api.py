@@ -173,8 +173,10 @@ def paged_prefill_attention(
         block_tables: [num_seqs, max_blocks_per_seq] int32.
         seq_lens: [num_seqs] int32 total context lengths.
         cu_seqlens_q: [num_seqs + 1] int32 cumulative query lengths (0 first, num_tokens last).
-        max_query_len: the longest ``q_len`` if known (picks tile shapes; 1 gives decode-shaped
-            tiles). A wrong hint only costs speed: every query is always computed.
+        max_query_len: the longest ``q_len``, or 0 when unknown; it must not be below the real
+            longest (validation mode checks it). 1 with one query per sequence
+            (``num_tokens == num_seqs``) runs the decode kernel; otherwise the hint picks tile
+            shapes, and a larger one only costs speed.
         scale, sliding_window, softcap, alibi_slopes: as in :func:`paged_decode_attention`
             (the window and ALiBi are relative to each query's own position).
         out: [num_tokens, num_heads, head_size] output (allocated when None).

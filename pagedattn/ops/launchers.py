@@ -181,30 +181,72 @@ def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]
     )
 
 
-#: Tuning knobs for the prefill kernel; the benchmarks overwrite them to sweep.
+#: Tuning knobs for the prefill kernel; the benchmarks overwrite them to sweep. ``None`` / ``"auto"``: chosen
+#: per launch by :func:`prefill_tiles`. The defaults are v2 of bench/NOTES.md (H100 sweep of 2026-11-27).
 PREFILL_TUNING = {
-    "block_m": 128,   # rows per program (query tokens x heads of a GQA group), at most
-    "tile_n": None,   # None: chosen from head size and dtype
+    "block_m": 128,    # rows per program (query tokens x heads of a GQA group), at most
+    "tile_n": None,    # keys per tile
     "num_warps": None,
-    "num_stages": 3,
+    "num_stages": None,
+    # variants of the kernel (see pagedattn.ops.triton_prefill)
+    "softmax": "exp2",         # "base" | "exp2" (scale * log2 e in one FMA) | "fold_q" (folded into q once)
+    "offdiag": "unmasked",     # "masked" | "unmasked" (no mask on off-diagonal tiles once their ids are checked)
+    "order": "reverse",        # "forward" | "reverse" (longest query tiles first) | "reverse_heads_inner"
+    "k_load": "trans",         # "trans" (tl.trans of a [TILE_N, HEAD] tile) | "kt" (load a [HEAD, TILE_N] tile)
+    "kv_addr": "gather",       # "gather" (run-time block size) | "block" (compile-time block size)
+    "offdiag_stages": None,    # tl.range(num_stages=) of the off-diagonal loop (None: num_stages)
+    "diag_stages": None,       # tl.range(num_stages=) of the diagonal loop (None: num_stages)
+    "maxnreg": "auto",         # register cap per thread (CUDA launch option; 0 or None: no cap)
 }
 
+_SOFTMAX = {"base": 0, "exp2": 1, "fold_q": 2}
+_ORDER = {"forward": 0, "reverse": 1, "reverse_heads_inner": 2}
+MAX_GRID_Y = 65535
 
-def prefill_tiles(head_size: int, group_size: int, max_query_len: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(GROUP_P, BLOCK_Q, TILE_N, num_warps): rows cover a GQA group times as many tokens as fit."""
+#: The compiled kernel of the last prefill launch on CUDA (the benchmark reads its registers and spills).
+LAST_PREFILL_KERNEL = [None]
+
+
+def prefill_variant(on_cuda: bool) -> dict:
+    """The kernel's variant switches from PREFILL_TUNING (a typo raises: a sweep must not time the default)."""
+    t = PREFILL_TUNING
+    if t["k_load"] not in ("trans", "kt") or t["kv_addr"] not in ("gather", "block") \
+            or t["offdiag"] not in ("masked", "unmasked"):
+        raise ValueError(f"bad PREFILL_TUNING: {t}")
+    return {"SOFTMAX": _SOFTMAX[t["softmax"]], "OFFDIAG_FAST": t["offdiag"] == "unmasked",
+            "ORDER": _ORDER[t["order"]], "K_T": t["k_load"] == "kt",
+            "OFFDIAG_STAGES": t["offdiag_stages"], "DIAG_STAGES": t["diag_stages"]}
+
+
+def prefill_tiles(head_size: int, group_size: int, max_query_len: int,
+                  dtype: torch.dtype) -> tuple[int, int, int, int, int, Optional[int]]:
+    """(GROUP_P, BLOCK_Q, TILE_N, num_warps, num_stages, maxnreg) of a launch: rows cover a GQA group
+    times as many tokens as fit.
+
+    Full 16-bit tiles with heads up to 128 take 32-key tiles, 5 stages and 128 registers a thread
+    (two programs per multiprocessor; 0.94x causal SDPA-flash on an H100 against 1.39x for the
+    v1 choice of 64-key tiles and 3 stages); other shapes keep v1's choices.
+    """
+    t = PREFILL_TUNING
     group_p = triton.next_power_of_2(group_size)
     block_d = triton.next_power_of_2(head_size)
-    max_rows = PREFILL_TUNING["block_m"] if block_d <= 128 else PREFILL_TUNING["block_m"] // 2
+    max_rows = t["block_m"] if block_d <= 128 else t["block_m"] // 2
     if dtype == torch.float32:
         max_rows //= 2
     # two tile classes only (decode-shaped rows, or full prefill tiles), to bound compiled variants
     block_m = max(16, group_p) if group_p * max(1, max_query_len) <= 16 else max(max_rows, group_p)
     block_q = max(1, block_m // group_p)
-    tile_n = PREFILL_TUNING["tile_n"] or (64 if block_d <= 128 else 32)
+    full_tile = block_q * group_p >= 128
+    v2 = full_tile and block_d <= 128 and dtype != torch.float32
+    tile_n = t["tile_n"] or (32 if v2 or block_d > 128 else 64)
     if dtype == torch.float32:
         tile_n = max(16, tile_n // 2)
-    num_warps = PREFILL_TUNING["num_warps"] or (8 if block_q * group_p >= 128 else 4)
-    return group_p, block_q, tile_n, num_warps
+    num_warps = t["num_warps"] or (8 if full_tile else 4)
+    num_stages = t["num_stages"] or (5 if v2 else 3)
+    maxnreg = t["maxnreg"]
+    if maxnreg == "auto":
+        maxnreg = 128 if v2 and num_warps == 8 else None
+    return group_p, block_q, tile_n, num_warps, num_stages, maxnreg or None
 
 
 def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -216,17 +258,31 @@ def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return
+    if max_query_len == 1 and num_tokens == num_seqs:
+        # one query per sequence: the decode kernel (splits long contexts over programs when few
+        # sequences run; the prefill kernel's q1 tiles measured 1.22x its time on an H100)
+        paged_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, softcap,
+                     alibi_slopes, lse, 0, 0)
+        return
     group_size = num_heads // num_kv_heads
     hint = max_query_len if max_query_len > 0 else num_tokens
-    group_p, block_q, tile_n, num_warps = prefill_tiles(head_size, group_size, min(hint, num_tokens), query.dtype)
+    group_p, block_q, tile_n, num_warps, num_stages, maxnreg = prefill_tiles(
+        head_size, group_size, min(hint, num_tokens), query.dtype)
     # sequence s owns programs cu[s] // BLOCK_Q + s ..., so this many cover every sequence
     num_programs = num_tokens // block_q + num_seqs
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     alibi_arg = alibi_slopes if alibi_slopes is not None else out
-    extra = {} if query.device.type != "cuda" else {"num_warps": num_warps,
-                                                    "num_stages": PREFILL_TUNING["num_stages"]}
-    paged_prefill_kernel[(num_programs, num_kv_heads)](
+    on_cuda = query.device.type == "cuda"
+    variant = prefill_variant(on_cuda)
+    variant["BLOCK_SIZE"] = block_size if PREFILL_TUNING["kv_addr"] == "block" else 0
+    if variant["ORDER"] == 2 and num_programs > MAX_GRID_Y:
+        variant["ORDER"] = 1  # the query tiles cannot be the grid's second axis
+    grid = (num_kv_heads, num_programs) if variant["ORDER"] == 2 else (num_programs, num_kv_heads)
+    extra = {"num_warps": num_warps, "num_stages": num_stages}  # the interpreter drops them
+    if on_cuda and maxnreg and triton.next_power_of_2(head_size) <= 128:
+        extra["maxnreg"] = maxnreg  # larger heads need more registers than any cap worth setting
+    kernel = paged_prefill_kernel[grid](
         query, *query.stride(),
         key_cache, *key_cache.stride(),
         value_cache, *value_cache.stride(),
@@ -242,5 +298,7 @@ def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
         TILE_N=tile_n,
         USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
         WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
-        **extra,
+        **variant, **extra,
     )
+    if on_cuda:
+        LAST_PREFILL_KERNEL[0] = kernel

@@ -74,13 +74,15 @@ def test_greedy_decode_matches_generate_fp32(arch, checkpoint):
 
 def test_profile_num_blocks_fits_the_budget(checkpoint):
     runner = cuda_runner(checkpoint("llama"), torch.bfloat16, num_gpu_blocks=None)
-    total = torch.cuda.mem_get_info()[1]
-    n = runner.profile_num_blocks(0.3, 512, BLOCK_SIZE, max_num_seqs=8)
-    assert n >= 1
-    assert n * runner.kv_cache_bytes_per_block <= 0.3 * total
-    assert n * runner.kv_cache_bytes_per_block >= 0.2 * total  # a tiny model leaves most of it
+    # Other test workers may hold (and release) GPU memory meanwhile: ask for what is in use now
+    # plus 2 GiB, and check the pool against that 2 GiB with a margin for their churn.
+    free, total = torch.cuda.mem_get_info()
+    n = runner.profile_num_blocks(min(1.0, (total - free + 2 * 2**30) / total), 512, BLOCK_SIZE, max_num_seqs=8)
+    pool_bytes = n * runner.kv_cache_bytes_per_block
+    assert 2**28 <= pool_bytes <= 3 * 2**30  # a tiny model leaves most of the 2 GiB to the pool
+    before = torch.cuda.memory_allocated()
     runner.initialize_cache(n)
-    assert torch.cuda.memory_allocated() <= 0.3 * total
+    assert torch.cuda.memory_allocated() - before <= pool_bytes + 2**26  # the pool plus small bookkeeping
     prompt = random_prompts([200], seed=6)[0]
     out = runner.execute(make_step_input([prompt], [0], [list(range(50))], BLOCK_SIZE, "cuda"))
     assert out.shape == (1, 512) and torch.isfinite(out).all()
