@@ -175,8 +175,8 @@ def _hash_only(work: PromptWorkload, constructor) -> None:
 
 
 def _hash_only_as_allocated(work: PromptWorkload) -> None:
-    """The same digests computed as ``allocate`` does (blocks cut by one numpy call, each key
-    hashed with a copy of an empty BLAKE2b state): the floor of ``alloc_prompt_ms``."""
+    """The same digests computed as ``allocate`` does (blocks cut by one ``struct`` call, each
+    key hashed with a copy of an empty BLAKE2b state): the floor of ``alloc_prompt_ms``."""
     from pagedattn.alloc.hashing import split_token_blocks
 
     new_hasher = hashlib.blake2b().copy

@@ -15,7 +15,6 @@ import enum
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -41,8 +40,7 @@ from pagedattn.alloc.swap import SwapMixin
 
 __all__ = ["AllocStatus", "BlockManager", "SequenceState"]
 
-_hash_fn = hashing._hash_fn
-_block_id = attrgetter("block_id")
+_hash_fn = hashing._hash_fn  # the block hash constructor (a module global, so tests can swap it)
 
 
 class AllocStatus(enum.Enum):
@@ -186,8 +184,7 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
         extra = b"" if extra_keys is None else encode_extra_keys(extra_keys)
         bs, pool = self.block_size, self.gpu_pool
         num_tokens = len(tokens)
-        num_full = num_tokens // bs
-        num_blocks = num_full + (num_tokens % bs != 0)
+        num_full, num_tail = divmod(num_tokens, bs)
         caching = self.enable_prefix_caching
         last_hash = root_hash(extra)
         hits: list[KVCacheBlock] = []
@@ -195,16 +192,15 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
             # The longest cached prefix (inlined _cached_prefix), at most (num_tokens - 1) // bs
             # blocks so the last token is computed.
             chunks = split_token_blocks(tokens, bs, num_full)
-            cached = pool.cached_blocks
-            get = cached.get
-            for i in range((num_tokens - 1) // bs):
-                block = get(last_hash + chunks[i])
+            get = pool.cached_blocks.get
+            for chunk in chunks[: (num_tokens - 1) // bs]:
+                block = get(last_hash + chunk)
                 if block is None or block.extra_keys != extra:
                     break
                 hits.append(block)
                 last_hash = block.block_hash
         num_hits = len(hits)
-        num_new = num_blocks - num_hits
+        num_new = num_full + (num_tail != 0) - num_hits
         if hits:
             num_revived = sum(1 for b in hits if b.ref_cnt == 0)
             if num_new + num_revived > pool.free_block_queue.num_free_blocks:
@@ -217,18 +213,19 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
             pool.check_available(num_new, f"allocate sequence {seq_id!r} ({num_tokens} tokens)")
         if caching:
             # Take the blocks, hash and register the new full blocks, in one pass.
-            new_blocks, last_hash = pool.get_new_cached_blocks(num_new, chunks, last_hash, extra,
-                                                               _hash_fn)
+            blocks, last_hash = pool.get_new_cached_blocks(num_new, chunks, last_hash, extra,
+                                                           _hash_fn)
+            if hits:
+                blocks[:0] = hits
+                self._num_hit_tokens += num_hits * bs
             self._num_query_tokens += num_tokens
-            self._num_hit_tokens += num_hits * bs
         else:
-            new_blocks = pool.get_new_blocks(num_new)
-        blocks = hits + new_blocks if hits else new_blocks
+            blocks = pool.get_new_blocks(num_new)
         arrays = self.arrays
         row = arrays.alloc_row()
-        arrays.set_row(row, list(map(_block_id, blocks)), num_tokens)
-        if num_tokens % bs:
-            arrays.last_block_tokens[row, : num_tokens % bs] = tokens[num_full * bs:]
+        arrays.set_row(row, [b.block_id for b in blocks], num_tokens)
+        if num_tail:
+            arrays.last_block_tokens[row, :num_tail] = tokens[num_full * bs:]
         seq = SequenceState(seq_id, row, blocks, extra, last_hash)
         seqs[seq_id] = seq  # _add_seq inlined
         self._row_seqs[row] = seq

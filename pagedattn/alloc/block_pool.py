@@ -7,12 +7,13 @@ block's hash key to the cached block. It knows nothing about sequences: the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
+from typing import Any
 
 from pagedattn.alloc.block import FreeKVCacheBlockQueue, KVCacheBlock
 from pagedattn.alloc.errors import DoubleFreeError, OutOfBlocksError
+from pagedattn.alloc.hashing import _hash_fn, _new_blake2b
 
 __all__ = ["BlockPool"]
 
@@ -121,8 +122,8 @@ class BlockPool:
         queue.num_free_blocks -= num_blocks
         return blocks
 
-    def get_new_cached_blocks(self, num_blocks: int, chunks: list[bytes], parent_hash: bytes,
-                              extra_keys: bytes, hash_fn: Callable[..., Any]
+    def get_new_cached_blocks(self, num_blocks: int, chunks: Sequence[bytes], parent_hash: bytes,
+                              extra_keys: bytes, hash_fn: Callable[..., Any] = _hash_fn
                               ) -> tuple[list[KVCacheBlock], bytes]:
         """``get_new_blocks(num_blocks)``, registering the first ``len(chunks)`` blocks in the
         prefix cache along the hash chain, in one pass over the blocks.
@@ -138,7 +139,7 @@ class BlockPool:
             chunks: token bytes of the full blocks, first block first.
             parent_hash: the hash the chain starts from.
             extra_keys: encoded extra keys stored on each registered block.
-            hash_fn: the block hash constructor (:func:`hashlib.blake2b`).
+            hash_fn: the block hash constructor (default :func:`hashlib.blake2b`).
 
         Returns:
             ``(blocks, last_hash)``: the blocks taken, in queue order, and the chain's last hash.
@@ -147,86 +148,91 @@ class BlockPool:
             OutOfBlocksError: if fewer blocks are free; nothing is taken.
         """
         queue = self.free_block_queue
-        if num_blocks > queue.num_free_blocks or num_blocks < len(chunks):
-            if num_blocks < len(chunks):
-                raise ValueError(f"{len(chunks)} chunks for {num_blocks} blocks")
+        num_full = len(chunks)
+        if num_blocks > queue.num_free_blocks or num_blocks < num_full:
+            if num_blocks < num_full:
+                raise ValueError(f"{num_full} chunks for {num_blocks} blocks")
             queue.popleft_n(num_blocks)  # raises OutOfBlocksError
         cached = self.cached_blocks
         setdefault = cached.setdefault
-        new_hasher = hash_fn().copy  # copying an empty state is cheaper than a constructor
+        # Copying an empty state is cheaper than calling the constructor.
+        new_hasher = _new_blake2b if hash_fn is _hash_fn else hash_fn().copy
         head = queue._head
         block = head.next_free_block
         blocks: list[KVCacheBlock] = []
         append = blocks.append
-        # Evictions in this loop are counted from the map's size afterwards: each one deletes
-        # a key, each registration inserts one.
+        # Evictions are counted from the map's size afterwards: each one deletes a key, each
+        # registration inserts one (num_kept counts the keys found held by another block).
         size_before, num_kept = len(cached), 0
         for chunk in chunks:
-            # Take the block (popleft_n, evict() and the ref count inlined) ...
+            # Take the block (popleft_n and evict() inlined) ...
             append(block)
-            nxt = block.next_free_block
-            block.prev_free_block = block.next_free_block = None
-            block.ref_cnt = 1
             old_key = block.block_key
             if old_key is not None:
                 del cached[old_key]  # its hash and extra keys are overwritten below
-            # ... and register it.
+            # ... hash its key and register it.
             key = parent_hash + chunk
-            holder = setdefault(key, block)
-            if holder is block:
-                h = new_hasher()
-                h.update(key)
-                parent_hash = block.block_hash = h.digest()
+            h = new_hasher()
+            h.update(key)
+            parent_hash = h.digest()
+            if setdefault(key, block) is block:
                 block.block_key = key
+                block.block_hash = parent_hash
                 block.extra_keys = extra_keys
             else:
                 if old_key is not None:
                     block.block_hash = block.block_key = block.extra_keys = None
-                parent_hash, registered = self._register_held_key(
-                    block, key, holder, nxt, num_blocks - len(blocks), extra_keys, hash_fn)
-                num_kept += not registered
-            block = nxt
-        num_evicted = size_before + len(chunks) - num_kept - len(cached)
-        for _ in repeat(None, num_blocks - len(blocks)):  # the uncached tail
-            append(block)
-            nxt = block.next_free_block
-            block.prev_free_block = block.next_free_block = None
+                num_kept += not self._register_held_key(block, key, parent_hash, num_blocks -
+                                                        len(blocks), extra_keys)
             block.ref_cnt = 1
-            if block.block_key is not None:
-                del cached[block.block_key]
-                block.block_hash = block.block_key = block.extra_keys = None
-                num_evicted += 1
+            block.prev_free_block = None
+            nxt = block.next_free_block
+            block.next_free_block = None
             block = nxt
+        num_evicted = size_before + num_full - num_kept - len(cached)
+        if num_blocks > num_full:  # the uncached tail: a partly filled last block
+            for _ in repeat(None, num_blocks - num_full):
+                append(block)
+                if block.block_key is not None:
+                    del cached[block.block_key]
+                    block.block_hash = block.block_key = block.extra_keys = None
+                    num_evicted += 1
+                block.ref_cnt = 1
+                block.prev_free_block = None
+                nxt = block.next_free_block
+                block.next_free_block = None
+                block = nxt
         head.next_free_block = block
         block.prev_free_block = head
         queue.num_free_blocks -= num_blocks
         self.num_evictions += num_evicted
         return blocks, parent_hash
 
-    def _register_held_key(self, block: KVCacheBlock, key: bytes, holder: KVCacheBlock,
-                           nxt: KVCacheBlock, num_left: int, extra_keys: bytes,
-                           hash_fn: Callable[..., Any]) -> tuple[bytes, bool]:
-        """``get_new_cached_blocks``' rare case: ``key`` is held by ``holder``, another block.
+    def _register_held_key(self, block: KVCacheBlock, key: bytes, block_hash: bytes,
+                           num_left: int, extra_keys: bytes) -> bool:
+        """``get_new_cached_blocks``' rare case: ``key`` is held by another block.
 
-        If ``holder`` is a free block among the ``num_left`` blocks this call is still to take
-        (from ``nxt`` on), it would have been evicted before any registration: evict it now
-        (deleting its key) and register ``block`` under the key. Returns the chain's next hash
-        and whether ``block`` was registered.
+        If the holder is a free block among the ``num_left`` blocks this call is still to take
+        (from ``block.next_free_block`` on), it would have been evicted before any
+        registration: evict it now (deleting its key) and register ``block`` under the key.
+
+        Returns:
+            Whether ``block`` was registered.
         """
+        holder = self.cached_blocks[key]
         if holder.ref_cnt == 0:
+            nxt = block.next_free_block
             for _ in range(num_left):
                 if nxt is holder:
                     holder.block_hash = holder.block_key = holder.extra_keys = None
                     del self.cached_blocks[key]
                     self.cached_blocks[key] = block
                     block.block_key = key
-                    block.block_hash = hash_fn(key).digest()
+                    block.block_hash = block_hash
                     block.extra_keys = extra_keys
-                    return block.block_hash, True
+                    return True
                 nxt = nxt.next_free_block
-        if holder.extra_keys == extra_keys:
-            return holder.block_hash, False
-        return hash_fn(key).digest(), False
+        return False
 
     def take_free_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         """Take blocks off the free queue's head *without* claiming them yet.

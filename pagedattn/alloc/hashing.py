@@ -29,18 +29,22 @@ Token ids are hashed as little-endian int32, the canonical token dtype of the al
 :func:`as_token_array` rejects ids outside the int32 range rather than truncating them.
 
 Cost: hashing is the floor of allocating a prompt (about 8,000 digests for 256 prompts of 512
-tokens). The allocator cuts a prompt's blocks into ``bytes`` in one numpy call
-(:func:`split_token_blocks`), hashes each key with a copy of an empty BLAKE2b state (cheaper than
-the constructor, which parses its keyword parameters) and takes, evicts and registers blocks in
-one pass (:meth:`~pagedattn.alloc.block_pool.BlockPool.get_new_cached_blocks`); the digests are
-the same.
+tokens; one BLAKE2b compression per block, since a key is one 128-byte BLAKE2b block). The
+allocator cuts a prompt's blocks into ``bytes`` in one call (:func:`split_token_blocks`, a
+cached ``struct`` unpacking of the array's buffer), hashes each key with a copy of an empty
+BLAKE2b state (cheaper than the constructor, which parses its keyword parameters) and takes,
+evicts and registers blocks in one pass
+(:meth:`~pagedattn.alloc.block_pool.BlockPool.get_new_cached_blocks`); the digests are the
+same. Registration is eager, never deferred: a block is in the map (and counts as cached) from
+the ``allocate`` that fills it, so hits, evictions and which block holds a key are the same
+whatever the caller looks at next.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,6 +72,7 @@ BLOCK_HASH_BYTES = 64
 _ROOT_TAG = b"pagedattn.alloc.root/1\x00"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _hash_fn = hashlib.blake2b  # the block hash constructor (default digest: 64 bytes)
+_new_blake2b = hashlib.blake2b().copy  # a fresh BLAKE2b state, cheaper than the constructor
 _root_cache: dict[bytes, bytes] = {}
 
 
@@ -140,6 +145,18 @@ def as_token_array(token_ids: Sequence[int] | np.ndarray, name: str = "token_ids
         InvalidArgumentError: if ``token_ids`` is not 1-D integers in the int32 range.
     """
     arr = token_ids
+    if type(arr) in (list, tuple) and arr and type(arr[0]) is not bool:
+        # Fast path for Python ints: one struct call packs them as little-endian int32, range
+        # checked (struct.error beyond int32, for floats, strings, nested lists, ...: the numpy
+        # path below then reports exactly what is wrong). All-bool lists take the numpy path,
+        # which rejects them.
+        n = len(arr)
+        try:
+            data = (_int32_packers.get(n) or _int32_packer(n))(*arr)
+        except (struct.error, TypeError, OverflowError):
+            pass
+        else:
+            return np.frombuffer(bytearray(data), TOKEN_DTYPE)
     if not isinstance(arr, np.ndarray):
         try:
             arr = np.asarray(arr)
@@ -159,6 +176,16 @@ def as_token_array(token_ids: Sequence[int] | np.ndarray, name: str = "token_ids
     return arr
 
 
+def _int32_packer(n: int) -> Callable[..., bytes]:
+    if len(_int32_packers) >= 4096:  # a memo only
+        _int32_packers.clear()
+    pack = _int32_packers[n] = struct.Struct(f"<{n}i").pack
+    return pack
+
+
+_int32_packers: dict[int, Callable[..., bytes]] = {}
+
+
 def hash_block_tokens(parent_hash: bytes, token_bytes: bytes) -> tuple[bytes, bytes]:
     """Hash one full block.
 
@@ -174,31 +201,35 @@ def hash_block_tokens(parent_hash: bytes, token_bytes: bytes) -> tuple[bytes, by
     return key, _hash_fn(key).digest()
 
 
-def split_token_blocks(tokens: np.ndarray, block_size: int, num_blocks: int) -> list[bytes]:
+def split_token_blocks(tokens: np.ndarray, block_size: int, num_blocks: int) -> tuple[bytes, ...]:
     """The first ``num_blocks`` full blocks of ``tokens`` as :data:`TOKEN_DTYPE` bytes, one
-    ``bytes`` object per block, cut in one numpy call (a view as fixed-size void records).
+    ``bytes`` object per block, cut in one call (a cached :class:`struct.Struct` of
+    ``num_blocks`` fields of ``4 * block_size`` raw bytes, unpacked from the array's buffer).
 
     Args:
         tokens: 1-D :data:`TOKEN_DTYPE` token ids holding at least ``num_blocks`` full blocks.
         block_size: tokens per block.
         num_blocks: how many blocks to return.
+
+    Returns:
+        A tuple of ``num_blocks`` ``bytes`` objects, the first block first.
     """
-    arr = tokens[: num_blocks * block_size]
-    dtype = _block_dtypes.get(block_size) or _block_dtype(block_size)
+    unpack = _splitters.get((block_size, num_blocks)) or _splitter(block_size, num_blocks)
     try:
-        return arr.view(dtype).tolist()
-    except ValueError:  # not contiguous
-        return np.ascontiguousarray(arr).view(dtype).tolist()
+        return unpack(tokens)
+    except (BufferError, TypeError, ValueError):  # not contiguous: no plain buffer
+        return unpack(np.ascontiguousarray(tokens[: num_blocks * block_size]))
 
 
-def _block_dtype(block_size: int) -> np.dtype:
-    dtype = _block_dtypes.get(block_size)
-    if dtype is None:  # raw bytes records: unlike "S", "V" keeps trailing zero bytes
-        dtype = _block_dtypes[block_size] = np.dtype((np.void, block_size * TOKEN_DTYPE.itemsize))
-    return dtype
+def _splitter(block_size: int, num_blocks: int) -> Callable[[Any], tuple[bytes, ...]]:
+    if len(_splitters) >= 4096:  # a memo only
+        _splitters.clear()
+    field = f"{block_size * TOKEN_DTYPE.itemsize}s"  # "s" keeps every byte, zeros included
+    unpack = _splitters[(block_size, num_blocks)] = struct.Struct(field * num_blocks).unpack_from
+    return unpack
 
 
-_block_dtypes: dict[int, np.dtype] = {}
+_splitters: dict[tuple[int, int], Callable[[Any], tuple[bytes, ...]]] = {}
 
 
 def hash_token_blocks(parent_hash: bytes, tokens: np.ndarray, block_size: int,

@@ -6,6 +6,10 @@ sequence changes (a token appended, a block added or replaced), never rebuilt fr
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from pagedattn.alloc.hashing import TOKEN_DTYPE
@@ -44,6 +48,23 @@ class SequenceArrays:
         self.maybe_shared = np.zeros(capacity, bool)
         self.num_maybe_shared = 0
         self._free_rows = list(range(capacity - 1, -1, -1))
+        self._tables_changed()
+
+    def _tables_changed(self) -> None:
+        """Refresh the raw byte view of ``block_tables`` (after it is replaced by a bigger one)."""
+        # set_row writes a row's block ids through this view: one memcpy of packed ids, where
+        # numpy would convert a list of Python ints item by item.
+        self._table_bytes = memoryview(self.block_tables).cast("B")
+        self._row_bytes = self.block_tables.shape[1] * 4
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_table_bytes"]  # a memoryview cannot be copied or pickled
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._tables_changed()
 
     @property
     def capacity(self) -> int:
@@ -88,6 +109,7 @@ class SequenceArrays:
         grown = np.full((self.capacity, width), self.pad_block_id, np.int32)
         grown[:, : self.width] = self.block_tables
         self.block_tables = grown
+        self._tables_changed()
 
     def set_row(self, row: int, block_ids: list[int], num_tokens: int) -> None:
         """Write a sequence's block table and token count into a row that is all padding
@@ -95,7 +117,9 @@ class SequenceArrays:
         n = len(block_ids)
         if n > self.block_tables.shape[1]:
             self.ensure_width(n)
-        self.block_tables[row, :n] = block_ids
+        start = row * self._row_bytes
+        pack = _packers.get(n) or _packer(n)
+        self._table_bytes[start:start + 4 * n] = pack(*block_ids)
         self.num_tokens[row] = num_tokens
 
     def copy_row(self, src: int, dst: int) -> None:
@@ -114,3 +138,15 @@ class SequenceArrays:
             [self.last_block_tokens, np.zeros((new - old, self.block_size), TOKEN_DTYPE)])
         self.maybe_shared = np.concatenate([self.maybe_shared, np.zeros(new - old, bool)])
         self._free_rows.extend(range(new - 1, old - 1, -1))
+        self._tables_changed()
+
+
+def _packer(n: int) -> Callable[..., bytes]:
+    """``struct`` packing of ``n`` native int32 (the layout of a ``block_tables`` row)."""
+    if len(_packers) >= 4096:  # a memo only
+        _packers.clear()
+    pack = _packers[n] = struct.Struct(f"={n}i").pack
+    return pack
+
+
+_packers: dict[int, Callable[..., bytes]] = {}

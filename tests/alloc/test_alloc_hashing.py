@@ -173,10 +173,11 @@ def test_split_token_blocks_keeps_every_byte():
     from pagedattn.alloc.hashing import split_token_blocks
 
     tokens = as_token_array([0, 0, 1, 0, 2**31 - 1, -1, 0, 0, 5])  # zero bytes at block ends
-    assert split_token_blocks(tokens, 4, 2) == [tokens[:4].tobytes(), tokens[4:8].tobytes()]
-    assert split_token_blocks(tokens, 4, 0) == []
+    assert split_token_blocks(tokens, 4, 2) == (tokens[:4].tobytes(), tokens[4:8].tobytes())
+    assert split_token_blocks(tokens, 4, 0) == ()
+    assert split_token_blocks(tokens[1:], 4, 1) == (tokens[1:5].tobytes(),)  # offset view
     strided = np.arange(40, dtype=np.int32)[::3]
-    assert split_token_blocks(strided, 2, 3) == [strided[i:i + 2].tobytes() for i in (0, 2, 4)]
+    assert split_token_blocks(strided, 2, 3) == tuple(strided[i:i + 2].tobytes() for i in (0, 2, 4))
 
 
 @pytest.mark.parametrize("convert", [
