@@ -273,6 +273,8 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED_LENGTH
 
     def _retire_finished(self, g: SequenceGroup) -> None:
+        if len(g.seqs) == 1 and not g.seqs[0].status.finished:
+            return  # the common case: one live sequence
         live = []
         for s in g.seqs:
             if s.status.finished:

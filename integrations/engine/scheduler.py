@@ -155,9 +155,11 @@ class Scheduler(AdmissionMixin):
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         self._reset_step()
-        self._schedule_all_decodes()
-        for decode_phase in (True, False):
-            for g in list(self.running):
+        rest = self._schedule_all_decodes()
+        # When every decoding group was admitted in one pass, only the others (prefilling) are left.
+        phases = ((True, list(self.running)), (False, list(self.running))) if rest is None else ((False, rest),)
+        for decode_phase, groups in phases:
+            for g in groups:
                 if id(g) in self._decodes or id(g) in self._committed or g not in self.running:
                     continue
                 if self._decode_ready(g) != decode_phase:
@@ -188,7 +190,7 @@ class Scheduler(AdmissionMixin):
         return out
 
     # ----------------------------------------------------------------------- decode
-    def _schedule_all_decodes(self) -> None:
+    def _schedule_all_decodes(self) -> list[SequenceGroup] | None:
         """The common case in one pass: when every decode-ready running group fits this step's
         token, sequence and block budgets together, schedule them all with one block count.
 
@@ -196,26 +198,36 @@ class Scheduler(AdmissionMixin):
         nobody is preempted); when they do not all fit, nothing is done here and the per-group
         path below decides whom to preempt. Groups share no partly filled block with each other
         (only forks of one group do), so the total need is the sum of the groups' own needs.
+
+        Returns:
+            The running groups that are not decode-ready, in order, when every decode-ready group
+            was admitted; None when nothing was done.
         """
-        groups, ids = [], []
+        groups, ids, rest = [], [], []
         for g in self.running:
             if self._decode_ready(g):
                 groups.append(g)
                 ids.extend(s.seq_id for s in g.seqs)
+            else:
+                rest.append(g)
         if not ids or len(ids) > self._budget or len(ids) > self._seqs_left:
-            return
+            return None
         need = self.mgr.num_blocks_to_append(ids, 1)
         if need > self._free():
-            return
+            return None
         for g in groups:
             self._decodes[id(g)] = (g, None)  # its own need, counted again if it is preempted
         self._reserved += need
         self._budget -= len(ids)
         self._seqs_left -= len(ids)
+        return rest
 
     def _decode_ready(self, g: SequenceGroup) -> bool:
-        mgr = self.mgr
-        return all(s.seq_id in mgr and len(s.token_ids) - s.num_computed_tokens == 1 for s in g.seqs)
+        mgr, seqs = self.mgr, g.seqs
+        if len(seqs) == 1:  # the common case, without a generator
+            s = seqs[0]
+            return len(s.token_ids) - s.num_computed_tokens == 1 and s.seq_id in mgr
+        return all(s.seq_id in mgr and len(s.token_ids) - s.num_computed_tokens == 1 for s in seqs)
 
     def _schedule_decode(self, g: SequenceGroup, out: SchedulerOutput, allow_self: bool,
                          may_preempt: bool = True) -> bool:

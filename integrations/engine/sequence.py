@@ -33,12 +33,15 @@ class SequenceStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+        return self in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
         return {"FINISHED_STOPPED": "stop", "FINISHED_LENGTH": "length",
                 "FINISHED_ABORTED": "abort", "FINISHED_IGNORED": "error"}.get(self.name)
+
+
+_FINISHED = frozenset(s for s in SequenceStatus if s.name.startswith("FINISHED"))
 
 
 class Sequence:
