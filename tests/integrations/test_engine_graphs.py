@@ -7,7 +7,9 @@ import pytest
 import torch
 from pagedattn.integrations.engine import EngineConfig
 from pagedattn.integrations.engine.runner import maybe_capture_graphs
-from pagedattn.integrations.hf.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from pagedattn.integrations.hf.cuda_graphs import DecodeGraphs, decoder_layers, eager_stance, graph_batch_sizes
+
+from tests.integrations.hf_models import ARCHITECTURES, build_checkpoint, load_eager
 
 
 @pytest.mark.parametrize("max_num_seqs, sizes", [
@@ -55,3 +57,59 @@ def test_no_graphs_off_cuda_or_when_eager(eager):
     runner = _Runner("cpu")
     assert maybe_capture_graphs(runner, EngineConfig(num_gpu_blocks=8, enforce_eager=eager), 128) is None
     assert runner.calls == 0
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("graph_layers"))
+    return lambda arch: build_checkpoint(arch, root)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_decoder_layers_found_for_every_architecture(checkpoints, arch):
+    """compile_decode compiles the repeated decoder blocks: they must be found in every tested model."""
+    model = load_eager(checkpoints(arch))
+    num_layers = model.config.num_hidden_layers
+    layers = decoder_layers(model, num_layers)
+    assert len(layers) == num_layers and len({type(m) for m in layers}) == 1
+    # the blocks are the ones that run attention: each holds a module with the layer's index
+    idx = [next(m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int))
+           for layer in layers]
+    assert idx == list(range(num_layers))
+
+
+def test_decoder_layers_missing_is_an_error():
+    with pytest.raises(ValueError, match="no ModuleList of 3 identical decoder layers"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), 3)
+
+
+def test_eager_stance_runs_compiled_modules_eagerly():
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.append(len(example_inputs))
+        return gm.forward
+
+    class Block(torch.nn.Module):  # a user module: dynamo skips torch's own as a top-level frame
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return torch.relu(x @ self.weight) + 1
+
+    layer = Block()
+    layer.compile(backend=backend, fullgraph=True)
+    x = torch.randn(2, 4)
+    with eager_stance():
+        want = layer(x)
+    assert calls == []  # not compiled under the stance
+    assert torch.equal(layer(x), want) and len(calls) == 1
+
+
+def test_step_input_to_same_device_is_itself():
+    from pagedattn.integrations.hf.step import make_step_input
+
+    step = make_step_input([[1, 2, 3], [4]], [0, 5], [[0], [1]], 16, "cpu")
+    assert step.to("cpu") is step
+    assert step.num_tokens == 4 and step.num_seqs == 2
