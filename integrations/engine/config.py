@@ -60,8 +60,9 @@ class EngineConfig:
         enforce_eager: run every step eagerly; ``False`` (default) replays decode-only steps from
             CUDA graphs captured at start-up for batch sizes up to ``max_num_seqs`` (CUDA only;
             also skipped in the ops' validation mode, whose value checks read the device).
-        compile_decode: capture ``torch.compile`` of the model's forward in those graphs (fuses
-            the model's elementwise work; compiling adds start-up time). Ignored when eager.
+        compile_decode: ``torch.compile`` the model's decoder blocks before capturing those graphs
+            (regional compilation: fuses the blocks' elementwise work; compiling adds start-up
+            time; other steps run the blocks eagerly). Ignored when eager.
     """
 
     block_size: int = 16

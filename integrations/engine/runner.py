@@ -85,10 +85,7 @@ def maybe_capture_graphs(runner: Any, cfg: EngineConfig, max_model_len: int | No
         if getattr(device, "type", None) == "cuda":
             log.info("decode CUDA graphs off: %s", reason)
         return None
-    if cfg.compile_decode:
-        graphs = runner.capture_decode_graphs(cfg.max_num_seqs, max_model_len, compile=True)
-    else:
-        graphs = runner.capture_decode_graphs(cfg.max_num_seqs, max_model_len)
+    graphs = runner.capture_decode_graphs(cfg.max_num_seqs, max_model_len, compile=cfg.compile_decode)
     log.info("decode CUDA graphs captured for %d batch sizes up to %d (%.1f MiB pool)",
              len(graphs.batch_sizes), graphs.max_batch, graphs.pool_bytes / 2**20)
     return graphs

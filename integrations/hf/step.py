@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -44,12 +45,11 @@ class StepInput:
     def to(self, device: Union[str, torch.device]) -> "StepInput":
         """This step with every tensor on ``device`` (itself when they are all there already)."""
         device = torch.device(device)
-        names = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "cu_seqlens_q",
-                 "logits_indices")
-        if all(getattr(self, n).device == device for n in names):
+        tensors = {f.name: v for f in dataclasses.fields(self)
+                   if isinstance(v := getattr(self, f.name), torch.Tensor)}
+        if all(t.device == device for t in tensors.values()):
             return self
-        moved = {n: getattr(self, n).to(device, non_blocking=True) for n in names}
-        return StepInput(max_query_len=self.max_query_len, **moved)
+        return dataclasses.replace(self, **{n: t.to(device, non_blocking=True) for n, t in tensors.items()})
 
     @property
     def num_seqs(self) -> int:
@@ -89,16 +89,14 @@ def make_step_input(new_token_ids: Sequence[Sequence[int]], num_computed: Sequen
     width = max(len(t) for t in block_tables)
     tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
 
-    def tensor(values, dtype):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+    i64, i32 = torch.int64, torch.int32
     return StepInput(
-        input_ids=tensor(ids, torch.int64),
-        positions=tensor(positions, torch.int64),
-        slot_mapping=tensor(slots, torch.int64),
-        block_tables=tensor(tables, torch.int32),
-        seq_lens=tensor(seq_lens, torch.int32),
-        cu_seqlens_q=tensor(cu, torch.int32),
+        input_ids=torch.tensor(ids, dtype=i64),
+        positions=torch.tensor(positions, dtype=i64),
+        slot_mapping=torch.tensor(slots, dtype=i64),
+        block_tables=torch.tensor(tables, dtype=i32),
+        seq_lens=torch.tensor(seq_lens, dtype=i32),
+        cu_seqlens_q=torch.tensor(cu, dtype=i32),
         max_query_len=max(len(t) for t in new_token_ids),
-        logits_indices=tensor(last, torch.int64),
-    )
+        logits_indices=torch.tensor(last, dtype=i64),
+    ).to(device)

@@ -48,7 +48,7 @@ class _Runner:
         self.device = torch.device(device)
         self.calls = 0
 
-    def capture_decode_graphs(self, max_num_seqs, max_model_len):
+    def capture_decode_graphs(self, max_num_seqs, max_model_len, compile=False):
         self.calls += 1
 
 
