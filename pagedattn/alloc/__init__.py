@@ -15,6 +15,7 @@ Example::
     mgr.free("req-0")
 """
 
+from pagedattn.alloc.append import PENDING_TOKEN
 from pagedattn.alloc.block import FreeKVCacheBlockQueue, KVCacheBlock
 from pagedattn.alloc.block_manager import AllocStatus, BlockManager, SequenceState
 from pagedattn.alloc.block_pool import BlockPool
@@ -44,6 +45,7 @@ __all__ = [
     "KVCacheBlock",
     "OutOfBlocksError",
     "PAD_SLOT_ID",
+    "PENDING_TOKEN",
     "SequenceArrays",
     "SequenceState",
     "SwapError",

@@ -8,6 +8,11 @@ that an append fills is hashed and registered in the prefix cache.
 :meth:`AppendMixin.append_slots_batch` is the decode-step fast path: numpy over the batch, Python
 only for the few sequences that need a new block, a copy-on-write check or a block hash.
 
+With an engine that schedules step ``t + 1`` while the GPU still samples step ``t``, a decode
+append can name its token :data:`PENDING_TOKEN`: the slot is appended as usual, and the block it
+fills is hashed once :meth:`AppendMixin.set_last_tokens` gives the real id (which must come before
+the sequence's next append, fork or swap-out).
+
 These methods are mixed into :class:`~pagedattn.alloc.block_manager.BlockManager`.
 """
 
@@ -26,9 +31,12 @@ if TYPE_CHECKING:
     from pagedattn.alloc.block import KVCacheBlock
     from pagedattn.alloc.block_manager import SequenceState
 
-__all__ = ["AppendMixin"]
+__all__ = ["AppendMixin", "PENDING_TOKEN"]
 
 _hash_fn = hashing._hash_fn
+
+#: A token id for :meth:`AppendMixin.append_slots_batch` that is not known yet (see the module doc).
+PENDING_TOKEN = -1
 
 
 class AppendMixin:
@@ -79,6 +87,10 @@ class AppendMixin:
         if isinstance(token_ids, (int, np.integer)):
             token_ids = [token_ids]
         tokens = as_token_array(token_ids, "token_ids")
+        self._check_not_pending(seq, "append to")
+        if (tokens == PENDING_TOKEN).any():
+            raise InvalidArgumentError("append_slots takes known token ids only; a pending token "
+                                       "(PENDING_TOKEN) goes through append_slots_batch")
         k = len(tokens)
         if k == 0:
             return []
@@ -112,8 +124,9 @@ class AppendMixin:
         or a full-block hash (about 2 in ``block_size``) run Python code.
 
         Args:
-            seq_ids: distinct running sequences.
-            token_ids: one new token id per sequence.
+            seq_ids: distinct running sequences (none with a pending last token).
+            token_ids: one new token id per sequence; :data:`PENDING_TOKEN` where it is not known
+                yet (the sequence's block it fills is then hashed by :meth:`set_last_tokens`).
 
         Returns:
             Copy-on-write pairs ``[(src_block_id, dst_block_id)]`` for the engine's copy op.
@@ -128,6 +141,10 @@ class AppendMixin:
             raise InvalidArgumentError(f"token_ids has {tokens.shape[0]} tokens for "
                                        f"{rows.shape[0]} sequences; expected one per sequence")
         bs, arrays, pool, row_seqs = self.block_size, self.arrays, self.gpu_pool, self._row_seqs
+        if arrays.num_pending and arrays.pending[rows].any():
+            self._check_not_pending(row_seqs[int(rows[arrays.pending[rows]][0])], "append to")
+        pending = tokens == PENDING_TOKEN
+        any_pending = bool(pending.any())
         caching = self.enable_prefix_caching
         pos = arrays.num_tokens[rows]
         off = pos % bs
@@ -142,6 +159,7 @@ class AppendMixin:
             slow_mask |= maybe_shared
         slow = np.flatnonzero(slow_mask)
         slow_rows, slow_offs = rows[slow].tolist(), off[slow].tolist()
+        slow_pending = pending[slow].tolist() if any_pending else None
         slow_shared = maybe_shared[slow].tolist() if flagged else [False] * len(slow_rows)
         num_new = slow_offs.count(0)
         # Copies needed: a block with ref_cnt r appended to by h sequences of the batch needs h
@@ -167,7 +185,10 @@ class AppendMixin:
         pairs: list[tuple[int, int]] = []
         new_rows, new_cols, new_ids = [], [], []
         lbt, claim, width = arrays.last_block_tokens, pool.claim_block, arrays.width
-        for r, o, m in zip(slow_rows, slow_offs, slow_shared):
+        if any_pending:
+            arrays.pending[rows[pending]] = True
+            arrays.num_pending += int(pending.sum())
+        for j, (r, o, m) in enumerate(zip(slow_rows, slow_offs, slow_shared)):
             seq = row_seqs[r]
             if o == 0:
                 block = next(free_blocks)
@@ -185,11 +206,52 @@ class AppendMixin:
                     claim(dst)
                     self._copy_on_write(seq, pairs, dst)
                 arrays.clear_maybe_shared(r)
-            if o == bs - 1 and caching:
+            if o == bs - 1 and caching and not (any_pending and slow_pending[j]):
                 self._cache_full_block(seq, seq.blocks[-1], lbt[r])
         if new_rows:  # (flags are only ever set on partly filled blocks: none to clear here)
             arrays.block_tables[new_rows, new_cols] = new_ids
         return pairs
+
+    def set_last_tokens(self, seq_ids: Sequence[Hashable], token_ids: Sequence[int] | np.ndarray) -> None:
+        """Give the ids of tokens appended as :data:`PENDING_TOKEN`, one per sequence.
+
+        Each sequence's last token becomes the given id; a block that token filled is hashed and
+        registered in the prefix cache now (its chain continues from it).
+
+        Args:
+            seq_ids: distinct live sequences whose last token is pending.
+            token_ids: one known token id per sequence.
+
+        Raises:
+            UnknownSequenceError / FreedSequenceError: a sequence is not live.
+            InvalidArgumentError: repeated ids, a length mismatch, a sequence whose last token is
+                not pending, or a pending token id given. On any error nothing changes.
+        """
+        rows = self._rows_for(seq_ids, "set the last token of")
+        tokens = as_token_array(token_ids, "token_ids")
+        if tokens.shape[0] != rows.shape[0]:
+            raise InvalidArgumentError(f"token_ids has {tokens.shape[0]} tokens for "
+                                       f"{rows.shape[0]} sequences; expected one per sequence")
+        arrays, bs = self.arrays, self.block_size
+        not_pending = ~arrays.pending[rows]
+        if not_pending.any():
+            seq = self._row_seqs[int(rows[not_pending][0])]
+            raise InvalidArgumentError(f"sequence {seq.seq_id!r} has no pending last token to set")
+        if (tokens == PENDING_TOKEN).any():
+            raise InvalidArgumentError("token_ids must be known ids, not PENDING_TOKEN")
+        off = (arrays.num_tokens[rows] - 1) % bs
+        arrays.last_block_tokens[rows, off] = tokens
+        arrays.pending[rows] = False
+        arrays.num_pending -= rows.shape[0]
+        if self.enable_prefix_caching:
+            for r in rows[off == bs - 1].tolist():
+                seq = self._row_seqs[r]
+                self._cache_full_block(seq, seq.blocks[-1], arrays.last_block_tokens[r])
+
+    def _check_not_pending(self, seq: SequenceState, action: str) -> None:
+        if self.arrays.pending[seq.row]:
+            raise InvalidArgumentError(f"cannot {action} sequence {seq.seq_id!r}: its last token is "
+                                       f"pending (call set_last_tokens first)")
 
     def _add_blocks(self, seq: SequenceState, blocks: list[KVCacheBlock]) -> None:
         if blocks:

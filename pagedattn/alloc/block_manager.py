@@ -244,6 +244,7 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
             DuplicateSequenceError: ``child_id`` is live.
         """
         parent = self._get_running(parent_id, "fork")
+        self._check_not_pending(parent, "fork")
         if child_id in self._seqs:
             raise DuplicateSequenceError(
                 f"cannot fork sequence {parent_id!r} into {child_id!r}: {child_id!r} already exists")

@@ -124,7 +124,8 @@ def check_invariants(manager: BlockManager) -> None:
                       f"its parent")
             parent = block.block_hash
         if manager.enable_prefix_caching and full and seq.blocks[full - 1].block_key is not None \
-                and seq.last_hash != seq.blocks[full - 1].block_hash:
+                and seq.last_hash != seq.blocks[full - 1].block_hash \
+                and not (arrays.pending[seq.row] and n % bs == 0):
             _fail(f"sequence {seq_id!r}: last_hash is not the hash of its last full block")
         if not seq.swapped and n % bs and not arrays.maybe_shared[seq.row] \
                 and seq.blocks[-1].ref_cnt != 1:
@@ -136,6 +137,9 @@ def check_invariants(manager: BlockManager) -> None:
         seq = manager._row_seqs.get(row)
         if seq is None or seq.swapped or int(arrays.num_tokens[row]) % bs == 0:
             _fail(f"row {row} is flagged maybe_shared without a partly filled last block on the GPU")
+    pending = {int(r) for r in arrays.pending.nonzero()[0]}
+    if len(pending) != arrays.num_pending or not pending <= rows:
+        _fail(f"{len(pending)} pending flags set ({arrays.num_pending} counted), not all on live rows")
     check_pool(manager.gpu_pool, gpu_holders)
     check_pool(manager.cpu_pool, cpu_holders)
     if len(manager._row_seqs) != len(manager._seqs):
@@ -161,7 +165,7 @@ def snapshot_state(manager: BlockManager) -> dict[str, Any]:
         seqs[seq_id] = (seq.row, [b.block_id for b in seq.blocks], seq.extra_keys, seq.last_hash,
                         seq.swapped, n, arrays.last_block_tokens[seq.row, : n % manager.block_size]
                         .tolist(), arrays.block_tables[seq.row].tolist(),
-                        bool(arrays.maybe_shared[seq.row]))
+                        bool(arrays.maybe_shared[seq.row]), bool(arrays.pending[seq.row]))
     return {
         "seqs": seqs,
         "gpu": _pool_state(manager.gpu_pool),

@@ -85,6 +85,8 @@ class SwapMixin:
         """
         seq_ids = list(seq_ids)
         seqs, distinct = self._swap_group(seq_ids, "swap out", False)
+        for seq in seqs:
+            self._check_not_pending(seq, "swap out")
         self.cpu_pool.check_available(len(distinct), f"swap out sequences {seq_ids!r}")
         cpu_blocks = self.cpu_pool.get_new_blocks(len(distinct))
         mapping: dict[int, KVCacheBlock] = {}
