@@ -63,6 +63,13 @@ class EngineConfig:
         compile_decode: ``torch.compile`` the model's decoder blocks before capturing those graphs
             (regional compilation: fuses the blocks' elementwise work; compiling adds start-up
             time; other steps run the blocks eagerly). Ignored when eager.
+        async_scheduling: schedule and launch step ``t + 1`` while the device still runs step
+            ``t`` (its sampled ids feed step ``t + 1`` on the device; the host reads them after
+            launching), so the host's work hides behind the device's. Steps with beam search or
+            parallel samples to fork, and steps after which a preemption may be needed, run
+            synchronously. A sequence that stops on a sampled token (EOS, stop token or string)
+            has computed one more token by then, which is dropped. Needs a runner that fills in
+            pending tokens (``ModelRunner`` does); the outputs are the same either way.
     """
 
     block_size: int = 16
@@ -82,6 +89,7 @@ class EngineConfig:
     device: Any = None
     enforce_eager: bool = False
     compile_decode: bool = False
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, 1)
@@ -97,7 +105,7 @@ class EngineConfig:
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_model_len", self.max_model_len, 1, allow_none=True)
         for name in ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager",
-                     "compile_decode"):
+                     "compile_decode", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.preemption_mode not in PREEMPTION_MODES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from pagedattn.integrations.engine.config import EngineConfig
 from pagedattn.integrations.engine.metrics import EngineMetrics
 from pagedattn.integrations.engine.outputs import OutputBuilder
 from pagedattn.integrations.engine.runner import StepInput, make_runner, maybe_capture_graphs, model_limits
-from pagedattn.integrations.engine.sampling import Sampler, SamplingParams
+from pagedattn.integrations.engine.sampling import PendingSample, Sampler, SamplingParams
 from pagedattn.integrations.engine.scheduler import Scheduler, SchedulerOutput
 from pagedattn.integrations.engine.sequence import (
     RequestOutput,
@@ -25,6 +26,38 @@ from pagedattn.integrations.engine.sequence import (
 from pagedattn.alloc import BlockManager
 
 __all__ = ["LLMEngine"]
+
+
+@dataclass(slots=True, eq=False)
+class _Launched:
+    """A step whose forward and sampling are queued on the device.
+
+    Attributes:
+        targets: per sample, its group and sequence (the sampler's row order).
+        counted: per sample, whether its token was counted in ``seq.num_pending`` (empty unless
+            ``overlappable``).
+        overlappable: the next step may be scheduled before this one's tokens are read.
+        pending: the step's inputs that were the previous step's pending tokens:
+            ``(seq, row of the previous step's samples)``.
+    """
+
+    out: SchedulerOutput
+    sample: PendingSample | None
+    targets: list[tuple[SequenceGroup, Sequence]]
+    counted: list[bool]
+    beams: dict[int, tuple[SequenceGroup, list[int]]]
+    touched: list[SequenceGroup]
+    logits: torch.Tensor | None
+    pending: list[tuple[Sequence, int]]
+    overlappable: bool
+    start: float
+    _rows: dict[int, int] | None = None
+
+    def sample_row(self, seq: Sequence) -> int:
+        """The row of ``seq``'s sample in ``sample.ids``."""
+        if self._rows is None:
+            self._rows = {s.seq_id: j for j, (_, s) in enumerate(self.targets)}
+        return self._rows[seq.seq_id]
 
 
 class LLMEngine:
@@ -63,6 +96,10 @@ class LLMEngine:
         self.outputs = OutputBuilder(tokenizer)
         self._groups: dict[str, SequenceGroup] = {}
         self._order = itertools.count()
+        #: the launched step whose tokens are not read yet (async scheduling)
+        self._inflight: _Launched | None = None
+        self._last_complete = 0.0
+        self._can_overlap = cfg.async_scheduling and bool(getattr(self.runner, "supports_pending_tokens", False))
         #: whether step() also returns unfinished requests' outputs (False: finished ones only)
         self.stream_outputs = True
 
@@ -105,7 +142,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return self.scheduler.num_unfinished
@@ -113,15 +150,28 @@ class LLMEngine:
     # -------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch; outputs of the requests that finished and (when
-        ``stream_outputs``) of those that got new tokens."""
-        t0 = time.perf_counter()
-        out = self.scheduler.schedule()
-        results = [self._finish_output(g) for g in out.ignored]
+        ``stream_outputs``) of those that got new tokens.
+
+        With ``async_scheduling``, a step whose sequences need no host decision after sampling
+        (no beam search, no parallel samples still to fork) is left running: the next call
+        schedules and launches the following step, feeding it the sampled ids on the device, and
+        only then reads this one's tokens. Outputs then arrive one call later.
+        """
+        results: list[RequestOutput] = []
+        inflight, self._inflight = self._inflight, None
+        out = self.scheduler.schedule(allow_preemption=inflight is None)
+        if out.is_empty and inflight is not None:
+            results += self._complete(inflight, None)
+            inflight = None
+            out = self.scheduler.schedule()
+        results += [self._finish_output(g) for g in out.ignored]
         if out.is_empty:
-            stuck = self._unstick(out)
+            stuck = self._unstick(out) if inflight is None else None
             if stuck is not None:
                 results.append(stuck)
-            self.metrics.record_step(out, 0, time.perf_counter() - t0)
+            if inflight is not None:
+                results += self._complete(inflight, None)
+            self.metrics.record_step(out, 0, 0.0)
             return results
         runner = self.runner
         if out.blocks_to_swap_out:
@@ -130,15 +180,124 @@ class LLMEngine:
             runner.swap_in(out.blocks_to_swap_in)
         if out.blocks_to_copy:
             runner.copy_blocks(out.blocks_to_copy)
-        logits = runner.execute(self._prepare(out))
-        touched, num_new = self._process(out, logits)
-        for g in touched:
+        launched = self._launch(out, inflight)
+        if inflight is not None:  # its tokens, read while the GPU runs the step just launched
+            results += self._complete(inflight, launched)
+        if launched.overlappable and not out.stalled:
+            self._inflight = launched
+        else:
+            results += self._complete(launched, None)
+        return results
+
+    def _launch(self, out: SchedulerOutput, prev: _Launched | None) -> _Launched:
+        """Run the step's forward and queue its sampling; no host sync."""
+        step_input, pending = self._prepare(out, prev)
+        logits = self.runner.execute(step_input)
+        rows: list[int] = []
+        params: list[SamplingParams] = []
+        gens: list[torch.Generator | None] = []
+        targets: list[tuple[SequenceGroup, Sequence]] = []
+        beams: dict[int, tuple[SequenceGroup, list[int]]] = {}
+        touched: dict[int, SequenceGroup] = {}
+        overlappable = self._can_overlap
+        now = time.monotonic()
+        for i, x in enumerate(out.seqs):
+            g = x.group
+            if g.first_scheduled_time is None:
+                g.first_scheduled_time = now
+            x.seq.num_computed_tokens = x.num_computed + x.num_new_tokens
+            if not x.samples:
+                continue
+            touched[id(g)] = g
+            if g.beam is not None:
+                beams.setdefault(id(g), (g, []))[1].append(i)
+                overlappable = False
+                continue
+            if not g.forked or (g.generator is not None and len(g.seqs) > 1):
+                # Host work first: the samples fork the prompt's sequence; or seeded samples share
+                # their request's generator, which a sibling's row after its stop would advance.
+                overlappable = False
+            copies = 1 if g.forked else g.params.num_seqs
+            for _ in range(copies):
+                rows.append(i)
+                params.append(g.params)
+                gens.append(g.generator)
+                targets.append((g, x.seq))
+        sample = self.sampler.launch(logits, params, gens, rows) if rows else None
+        counted: list[bool] = []
+        if overlappable:
+            # The next step may run these sequences before their tokens are read: count each
+            # token as pending unless it is the sequence's last by length (then it is not run).
+            max_len = self.max_model_len
+            for g, seq in targets:
+                n = len(seq.token_ids) + seq.num_pending + 1
+                last = n - seq.prompt_len >= g.params.max_tokens or (max_len is not None and n >= max_len)
+                counted.append(not last)
+                if not last:
+                    seq.num_pending += 1
+        return _Launched(out, sample, targets, counted, beams, list(touched.values()),
+                         logits if beams else None, pending, overlappable, time.perf_counter())
+
+    def _complete(self, launched: _Launched, nxt: _Launched | None) -> list[RequestOutput]:
+        """Read a launched step's tokens and apply them: append, stop, fork, beams, retire.
+
+        ``nxt`` is the step launched after it, whose pending inputs were this step's tokens: the
+        allocator gets their ids (to hash the blocks they filled) before anything is freed.
+        """
+        out = launched.out
+        num_new = 0
+        res = launched.sample.result() if launched.sample is not None else None
+        if nxt is not None and nxt.pending:
+            mgr = self.block_manager
+            live = [(seq, j) for seq, j in nxt.pending if seq.seq_id in mgr]
+            if live:
+                mgr.set_last_tokens([seq.seq_id for seq, _ in live], [res.token_ids[j] for _, j in live])
+        if res is not None:
+            samples: dict[int, list] = {}
+            counted = launched.counted
+            for j, ((g, seq), *r) in enumerate(zip(launched.targets, res.token_ids, res.logprobs,
+                                                    res.top_logprobs)):
+                if counted and counted[j]:
+                    seq.num_pending -= 1
+                if seq.status.finished:  # it stopped on an earlier token, or was aborted
+                    continue
+                if g.forked:
+                    self._append_token(g, seq, *r)
+                else:
+                    samples.setdefault(id(g), [g, seq]).append(r)
+                num_new += 1
+            for g, parent, *draws in samples.values():
+                # best_of samples of a prompt: fork its sequence (blocks shared, copy on write).
+                seqs = [parent]
+                for j in range(1, len(draws)):
+                    child = parent.fork(j)
+                    self.block_manager.fork(parent.seq_id, child.seq_id)
+                    seqs.append(child)
+                g.seqs = seqs
+                g.forked = True
+                for seq, r in zip(seqs, draws):
+                    self._append_token(g, seq, *r)
+            for g in launched.touched:
+                if g.beam is None:
+                    self._retire_finished(g)
+        now = time.monotonic()
+        for g, idx in launched.beams.values():
+            g.first_token_time = g.first_token_time or now
+            if idx:
+                beam_step(g, launched.logits[idx], self._stop_ids(g), self.block_manager,
+                          self.scheduler.free_seq, self.max_model_len)
+                num_new += g.num_live
+        results = []
+        for g in launched.touched:
             if g.is_finished:
-                self.scheduler.remove_finished(g)
-                results.append(self._finish_output(g))
+                if g.request_id in self._groups:  # (not aborted meanwhile)
+                    self.scheduler.remove_finished(g)
+                    results.append(self._finish_output(g))
             elif self.stream_outputs:
                 results.append(self.outputs.build(g, self.scheduler.max_model_len))
-        self.metrics.record_step(out, num_new, time.perf_counter() - t0)
+        end = time.perf_counter()
+        self.metrics.record_step(out, num_new, end - max(launched.start, self._last_complete))
+        self._last_complete = end
         return results
 
     def _unstick(self, out: SchedulerOutput) -> RequestOutput | None:
@@ -161,23 +320,48 @@ class LLMEngine:
         self.metrics.record_finished(g)
         return self.outputs.build(g, self.scheduler.max_model_len)
 
-    def _prepare(self, out: SchedulerOutput) -> StepInput:
+    def _prepare(self, out: SchedulerOutput, prev: _Launched | None
+                 ) -> tuple[StepInput, list[tuple[Sequence, int]]]:
+        """The step's input on the host, and its pending inputs ``[(seq, row of prev's samples)]``:
+        sequences whose input token ``prev`` (still running) sampled, filled in on the device."""
         seqs = out.seqs
         ids = [x.seq.seq_id for x in seqs]
+        pending: list[tuple[Sequence, int]] = []
+        src: list[int] = []
         if out.num_prefill_tokens == 0:
             meta = self.block_manager.build_metadata(ids)
-            tokens = [x.seq.token_ids[x.num_computed] for x in seqs]
+            tokens = []
+            for x in seqs:
+                seq = x.seq
+                if seq.num_pending:
+                    # A pending token is the sequence's last; it is always a decode row's input.
+                    if not src:
+                        src = [-1] * len(seqs)
+                    src[len(tokens)] = prev.sample_row(seq)
+                    pending.append((seq, src[len(tokens)]))
+                    tokens.append(0)
+                else:
+                    tokens.append(seq.token_ids[x.num_computed])
             max_q = 1
         else:
             new = np.fromiter((x.num_new_tokens for x in seqs), np.int64, len(seqs))
             meta = self.block_manager.build_metadata(ids, new)
-            tokens = list(itertools.chain.from_iterable(
-                x.seq.token_ids[x.num_computed:x.num_computed + x.num_new_tokens] for x in seqs))
+            tokens = []
+            for x in seqs:
+                seq = x.seq
+                if seq.num_pending:  # a decode row (one new token): its token is pending
+                    if not src:
+                        src = [-1] * int(new.sum())
+                    src[len(tokens)] = prev.sample_row(seq)
+                    pending.append((seq, src[len(tokens)]))
+                    tokens.append(0)
+                else:
+                    tokens.extend(seq.token_ids[x.num_computed:x.num_computed + x.num_new_tokens])
             max_q = int(new.max())
         # Host tensors (no copies of the numpy arrays): the runner uploads them, a decode step
         # through its CUDA graphs' pinned buffers.
         qsl = torch.from_numpy(meta.query_start_loc)
-        return StepInput(
+        step = StepInput(
             input_ids=torch.tensor(tokens, dtype=torch.int64),
             positions=torch.from_numpy(meta.positions),
             slot_mapping=torch.from_numpy(meta.slot_mapping),
@@ -186,67 +370,12 @@ class LLMEngine:
             cu_seqlens_q=qsl,
             max_query_len=max_q,
             logits_indices=qsl[1:].to(torch.int64) - 1,
+            pending_src=torch.tensor(src, dtype=torch.int64) if src else None,
+            prev_token_ids=prev.sample.ids if src else None,
         )
+        return step, pending
 
     # ------------------------------------------------------------------------ post-process
-    def _process(self, out: SchedulerOutput, logits: torch.Tensor
-                 ) -> tuple[list[SequenceGroup], int]:
-        rows: list[int] = []
-        params: list[SamplingParams] = []
-        gens: list[torch.Generator | None] = []
-        targets: list[tuple[SequenceGroup, Sequence]] = []
-        beams: dict[int, tuple[SequenceGroup, list[int]]] = {}
-        touched: dict[int, SequenceGroup] = {}
-        now = time.monotonic()
-        for i, x in enumerate(out.seqs):
-            g = x.group
-            if g.first_scheduled_time is None:
-                g.first_scheduled_time = now
-            x.seq.num_computed_tokens = x.num_computed + x.num_new_tokens
-            if not x.samples:
-                continue
-            touched[id(g)] = g
-            if g.beam is not None:
-                beams.setdefault(id(g), (g, []))[1].append(i)
-                continue
-            copies = 1 if g.forked else g.params.num_seqs
-            for _ in range(copies):
-                rows.append(i)
-                params.append(g.params)
-                gens.append(g.generator)
-                targets.append((g, x.seq))
-        num_new = 0
-        if rows:
-            res = self.sampler(logits, params, gens, rows)
-            samples: dict[int, list] = {}
-            for (g, seq), *r in zip(targets, res.token_ids, res.logprobs, res.top_logprobs):
-                if g.forked:
-                    self._append_token(g, seq, *r)
-                else:
-                    samples.setdefault(id(g), [g, seq]).append(r)
-                num_new += 1
-            for g, parent, *draws in samples.values():
-                # best_of samples of a prompt: fork its sequence (blocks shared, copy on write).
-                seqs = [parent]
-                for j in range(1, len(draws)):
-                    child = parent.fork(j)
-                    self.block_manager.fork(parent.seq_id, child.seq_id)
-                    seqs.append(child)
-                g.seqs = seqs
-                g.forked = True
-                for seq, r in zip(seqs, draws):
-                    self._append_token(g, seq, *r)
-            for g in touched.values():
-                if g.beam is None:
-                    self._retire_finished(g)
-        for g, idx in beams.values():
-            g.first_token_time = g.first_token_time or now
-            if idx:
-                beam_step(g, logits[idx], self._stop_ids(g), self.block_manager,
-                          self.scheduler.free_seq, self.max_model_len)
-                num_new += g.num_live
-        return list(touched.values()), num_new
-
     def _stop_ids(self, g: SequenceGroup) -> set[int]:
         ids = set(g.params.stop_token_ids)
         if not g.params.ignore_eos:

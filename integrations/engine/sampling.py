@@ -4,7 +4,8 @@ The sampler works on the whole step's logits at once: temperature, top-k and top
 greedy rows by argmax, random rows by the exponential-race trick (``argmax(p / q)`` with
 ``q ~ Exp(1)``, equivalent to drawing from ``p``), so that a request with a seed draws its ``q``
 rows from its own ``torch.Generator`` and stays reproducible whatever else is in the batch. The
-only host sync is the one final ``.tolist()`` of the packed results.
+only host sync is the one final ``.tolist()`` of the packed results, which :meth:`Sampler.launch`
+defers: the engine can schedule the next step (feeding it the sampled ids on the device) first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingParams"]
+__all__ = ["PendingSample", "Sampler", "SamplerOutput", "SamplingParams"]
 
 
 def _int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -139,6 +140,41 @@ class SamplerOutput:
     top_logprobs: list[dict[int, float] | None]
 
 
+class PendingSample:
+    """Samples queued on the device: ``ids`` ([R] int64, on the device) at once, the host copy
+    with log-probs by :meth:`result` (which waits for it)."""
+
+    __slots__ = ("ids", "_host", "_event", "_params", "_k")
+
+    def __init__(self, ids: torch.Tensor, host: torch.Tensor | None, event: Any,
+                 params: list[SamplingParams], k: int) -> None:
+        self.ids = ids
+        self._host = host
+        self._event = event
+        self._params = params
+        self._k = k
+
+    def result(self) -> SamplerOutput:
+        if self._host is None:
+            return SamplerOutput([], [], [])
+        if self._event is not None:
+            self._event.synchronize()
+        packed = self._host.tolist()  # the step's only host sync (on the CPU: the whole sampling)
+        k = self._k
+        token_ids = [int(r[0]) for r in packed]
+        lps = [r[1] for r in packed]
+        tops: list[dict[int, float] | None] = []
+        for p, r in zip(self._params, packed):
+            if p.logprobs is None:
+                tops.append(None)
+            else:
+                kk = min(p.logprobs, k)
+                top = {int(t): v for v, t in zip(r[2:2 + kk], r[2 + k:2 + k + kk])}
+                top[int(r[0])] = r[1]
+                tops.append(top)
+        return SamplerOutput(token_ids, lps, tops)
+
+
 class Sampler:
     """Samples one token per row of a logits batch.
 
@@ -160,7 +196,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None] | None = None,
                  rows: list[int] | None = None) -> SamplerOutput:
-        """Sample ``len(params)`` tokens.
+        """Sample ``len(params)`` tokens and wait for them (see :meth:`launch`)."""
+        return self.launch(logits, params, generators, rows).result()
+
+    def launch(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None] | None = None,
+               rows: list[int] | None = None) -> PendingSample:
+        """Queue the sampling of ``len(params)`` tokens on the logits' device; no host sync.
 
         Args:
             logits: ``[R, vocab]`` (any float dtype).
@@ -168,11 +210,14 @@ class Sampler:
             generators: per sample, its request's generator or ``None`` (the engine's).
             rows: per sample, the logits row it draws from (default ``range(R)``); a row may
                 appear several times (parallel samples of one prompt).
+
+        Returns:
+            A :class:`PendingSample`: the sampled ids on the device at once (``ids``), the host
+            results once its copy lands (``result()``).
         """
-        num = len(params)
-        if num == 0:
-            return SamplerOutput([], [], [])
         dev = logits.device
+        if not params:
+            return PendingSample(torch.empty(0, dtype=torch.int64, device=dev), None, None, params, 0)
         if rows is not None and (len(rows) != logits.shape[0] or rows != list(range(len(rows)))):
             logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))
         logits = logits.float()
@@ -185,24 +230,20 @@ class Sampler:
             ids = self._sample(logits, params, generators, greedy, vocab)
         chosen = logprobs.gather(1, ids[:, None])
         parts = [ids[:, None].double(), chosen.double()]
-        k = max((p.logprobs or 0) for p in params)
-        k = min(k, vocab)
+        k = min(max((p.logprobs or 0) for p in params), vocab)
         if k:
             top_v, top_i = logprobs.topk(k, dim=-1)
             parts += [top_v.double(), top_i.double()]
-        packed = torch.cat(parts, dim=1).tolist()  # the step's only host sync
-        token_ids = [int(r[0]) for r in packed]
-        lps = [r[1] for r in packed]
-        tops: list[dict[int, float] | None] = []
-        for p, r in zip(params, packed):
-            if p.logprobs is None:
-                tops.append(None)
-            else:
-                kk = min(p.logprobs, k)
-                top = {int(t): v for v, t in zip(r[2:2 + kk], r[2 + k:2 + k + kk])}
-                top[int(r[0])] = r[1]
-                tops.append(top)
-        return SamplerOutput(token_ids, lps, tops)
+        packed = torch.cat(parts, dim=1)
+        event = None
+        if dev.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = packed
+        return PendingSample(ids, host, event, params, k)
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None] | None, greedy: list[bool],

@@ -32,7 +32,7 @@ from pagedattn.integrations.engine.sequence import (
     SequenceStatus,
 )
 
-from pagedattn.alloc import BlockManager
+from pagedattn.alloc import PENDING_TOKEN, BlockManager
 
 __all__ = ["ScheduledSeq", "Scheduler", "SchedulerOutput"]
 
@@ -49,7 +49,7 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """Whether the step computes the sequence's last token (so its logits are sampled)."""
-        return self.num_computed + self.num_new_tokens == len(self.seq.token_ids)
+        return self.num_computed + self.num_new_tokens == len(self.seq.token_ids) + self.seq.num_pending
 
 
 @dataclass(slots=True)
@@ -64,6 +64,8 @@ class SchedulerOutput:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     num_cached_tokens: int = 0
+    #: a group that could run was left out because preemption was not allowed this step
+    stalled: bool = False
 
     @property
     def is_empty(self) -> bool:
@@ -148,13 +150,22 @@ class Scheduler(AdmissionMixin):
         self._decodes: dict[int, tuple[SequenceGroup, int | None]] = {}  # id(group) -> (group, need)
         self._committed: set[int] = set()             # groups with allocator work done this step
         self._prefill: list[ScheduledSeq] = []
+        self._allow_preemption = True
 
     def _free(self) -> int:
         return self.mgr.num_free_blocks - self._reserved
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, allow_preemption: bool = True) -> SchedulerOutput:
+        """The next step's batch.
+
+        Args:
+            allow_preemption: False while the previous step still runs (its sequences' sampled
+                tokens are pending): groups that would need a preemption wait instead, and the
+                output says so (``stalled``).
+        """
         out = SchedulerOutput()
         self._reset_step()
+        self._allow_preemption = allow_preemption
         rest = self._schedule_all_decodes()
         # When every decoding group was admitted in one pass, only the others (prefilling) are left.
         phases = ((True, list(self.running)), (False, list(self.running))) if rest is None else ((False, rest),)
@@ -178,7 +189,7 @@ class Scheduler(AdmissionMixin):
             for s in g.seqs:
                 out.seqs.append(ScheduledSeq(s, g, 1, s.num_computed_tokens))
                 ids.append(s.seq_id)
-                tokens.append(s.token_ids[-1])
+                tokens.append(s.token_ids[-1] if not s.num_pending else PENDING_TOKEN)
         if ids:
             out.blocks_to_copy.extend(self.mgr.append_slots_batch(ids, tokens))
         out.num_decode_tokens = len(ids)
@@ -226,8 +237,9 @@ class Scheduler(AdmissionMixin):
         mgr, seqs = self.mgr, g.seqs
         if len(seqs) == 1:  # the common case, without a generator
             s = seqs[0]
-            return len(s.token_ids) - s.num_computed_tokens == 1 and s.seq_id in mgr
-        return all(s.seq_id in mgr and len(s.token_ids) - s.num_computed_tokens == 1 for s in seqs)
+            return len(s.token_ids) + s.num_pending - s.num_computed_tokens == 1 and s.seq_id in mgr
+        return all(s.seq_id in mgr and len(s.token_ids) + s.num_pending - s.num_computed_tokens == 1
+                   for s in seqs)
 
     def _schedule_decode(self, g: SequenceGroup, out: SchedulerOutput, allow_self: bool,
                          may_preempt: bool = True) -> bool:
@@ -312,6 +324,9 @@ class Scheduler(AdmissionMixin):
             if need <= self._free():
                 return need
             if not may_preempt:
+                return None
+            if not self._allow_preemption:
+                out.stalled = True
                 return None
             victim = next((v for v in reversed(self.running) if id(v) not in self._committed),
                           None)

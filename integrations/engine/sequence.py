@@ -4,7 +4,9 @@ A :class:`Sequence` is one token stream with its own block table in the allocato
 ``seq_id`` is the allocator's id). A :class:`SequenceGroup` is a request: its prompt, sampling
 params and live sequences (one, ``best_of`` parallel samples forked from the prompt, or the beams
 of a beam search). ``num_computed_tokens`` counts the tokens whose KV is in the cache; a running
-sequence's allocator length is always ``num_computed_tokens`` between steps.
+sequence's allocator length is always ``num_computed_tokens`` between steps. ``num_pending``
+counts tokens sampled on the device whose ids the host does not have yet (the engine schedules
+the next step before it reads them); they are not in ``token_ids``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ _FINISHED = frozenset(s for s in SequenceStatus if s.name.startswith("FINISHED")
 class Sequence:
     """One token stream of a request (prompt + its output tokens)."""
 
-    __slots__ = ("seq_id", "token_ids", "prompt_len", "num_computed_tokens", "status",
+    __slots__ = ("seq_id", "token_ids", "prompt_len", "num_computed_tokens", "num_pending", "status",
                  "cumulative_logprob", "logprobs", "index", "stop_reason", "text", "_text_len")
 
     def __init__(self, token_ids: list[int], prompt_len: int, index: int = 0) -> None:
@@ -55,6 +57,7 @@ class Sequence:
         self.token_ids = token_ids
         self.prompt_len = prompt_len
         self.num_computed_tokens = 0
+        self.num_pending = 0
         self.status = SequenceStatus.WAITING
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] | None = None
@@ -76,7 +79,7 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending - self.num_computed_tokens
 
     def fork(self, index: int) -> Sequence:
         """A new sequence with a copy of this one's tokens and state (not its id)."""

@@ -40,8 +40,19 @@ def decoder_layers(model: torch.nn.Module, num_layers: int) -> list[torch.nn.Mod
 
 
 def compile_layers(layers: list[torch.nn.Module]) -> None:
-    """``torch.compile`` each decoder block in place (regional compilation: the blocks share one
-    compiled graph, so compiling costs about one block, not the whole model). Idempotent."""
+    """``torch.compile`` each decoder block in place (regional compilation: the blocks' graphs are
+    the same, so after the first block the compiler's caches serve the others). Idempotent.
+
+    Each block is traced once: the attention reads its layer's caches by the module's
+    ``layer_idx``, a constant the compiled code is guarded on, so the recompile limits are raised
+    to the number of blocks (the default, 8, would stop at the ninth block under ``fullgraph``)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name, need in (("recompile_limit", 2 * len(layers) + 8), ("cache_size_limit", 2 * len(layers) + 8),
+                       ("accumulated_recompile_limit", 4 * len(layers) + 64),
+                       ("accumulated_cache_size_limit", 4 * len(layers) + 64)):
+        if isinstance(getattr(dynamo_config, name, None), int):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), need))
     for layer in layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
             layer.compile(fullgraph=True, dynamic=True)
@@ -96,15 +107,19 @@ class DecodeGraphs:
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self.device = torch.device(device)
         n, w, i64, i32 = self.max_batch, self.max_blocks_per_seq, torch.int64, torch.int32
-        # Static inputs: ids, positions and slots are rows of one buffer (one upload per step).
-        self._ids_pos_slots = torch.zeros((3, n), dtype=i64, device=device)
-        self.input_ids, self.positions, self.slot_mapping = self._ids_pos_slots.unbind(0)
+        # Static inputs: ids, positions, slots and pending sources are rows of one buffer (one
+        # upload per step). A row whose pending source is >= 0 takes its id from prev_ids (the
+        # previous step's sampled ids, copied on the device) inside the graph.
+        self._ids_pos_slots = torch.zeros((4, n), dtype=i64, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.pending_src = self._ids_pos_slots.unbind(0)
         self.slot_mapping.fill_(-1)
+        self.pending_src.fill_(-1)
+        self.prev_ids = torch.zeros(n, dtype=i64, device=device)
         self.block_tables = torch.zeros((n, w), dtype=i32, device=device)
         self.seq_lens = torch.ones(n, dtype=i32, device=device)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=i32, device=device)
         # Pinned host staging of the same, so host-built steps upload without a synchronous copy.
-        self._host_ids_pos_slots = torch.zeros((3, n), dtype=i64, pin_memory=True)
+        self._host_ids_pos_slots = torch.zeros((4, n), dtype=i64, pin_memory=True)
         self._host_block_tables = torch.zeros((n, w), dtype=i32, pin_memory=True)
         self._host_seq_lens = torch.ones(n, dtype=i32, pin_memory=True)
         self._uploaded = torch.cuda.Event()
@@ -121,8 +136,10 @@ class DecodeGraphs:
             kv_caches=self.kv_caches)
 
     def _run(self, batch: int) -> None:
+        src = self.pending_src[:batch]
+        ids = torch.where(src >= 0, self.prev_ids[src.clamp(min=0)], self.input_ids[:batch])
         with forward_context(self._context(batch)):
-            out = self.forward(self.input_ids[None, :batch], self.positions[None, :batch])
+            out = self.forward(ids[None], self.positions[None, :batch])
         self.logits[:batch].copy_(out)
 
     def capture(self) -> None:
@@ -158,7 +175,8 @@ class DecodeGraphs:
         more sequences than the largest graph, or a block table wider than the buffer)."""
         num_seqs = step.num_seqs
         if (not self.graphs or step.max_query_len != 1 or step.num_tokens != num_seqs
-                or num_seqs > self.max_batch or step.block_tables.shape[1] > self.max_blocks_per_seq):
+                or num_seqs > self.max_batch or step.block_tables.shape[1] > self.max_blocks_per_seq
+                or (step.prev_token_ids is not None and step.prev_token_ids.shape[0] > self.prev_ids.shape[0])):
             return None
         for b in self.batch_sizes:
             if b >= num_seqs:
@@ -171,8 +189,12 @@ class DecodeGraphs:
 
         A step built on the host (CPU tensors) goes through pinned staging buffers: three
         asynchronous uploads. Padding rows ``S..batch`` write no slot and attend one key of block 0.
+        Pending tokens (``step.pending_src``) are filled in from ``step.prev_token_ids`` by the graph.
         """
         s, width = step.num_seqs, step.block_tables.shape[1]
+        prev = step.prev_token_ids
+        if prev is not None:  # (bucket() checked that it fits)
+            self.prev_ids[:prev.shape[0]].copy_(prev, non_blocking=True)
         if step.input_ids.device.type == "cpu":
             self._uploaded.synchronize()  # the previous step's uploads have left the staging buffers
             host = self._host_ids_pos_slots
@@ -180,6 +202,11 @@ class DecodeGraphs:
             host[1, :s] = step.positions
             host[2, :s] = step.slot_mapping
             host[2, s:batch] = -1
+            if step.pending_src is None:
+                host[3, :batch] = -1
+            else:
+                host[3, :s] = step.pending_src
+                host[3, s:batch] = -1
             self._host_seq_lens[:s] = step.seq_lens
             self._host_seq_lens[s:batch] = 1
             self._host_block_tables[:s, :width] = step.block_tables
@@ -192,6 +219,11 @@ class DecodeGraphs:
             self.input_ids[:s].copy_(step.input_ids)
             self.positions[:s].copy_(step.positions)
             self.slot_mapping[:s].copy_(step.slot_mapping)
+            if step.pending_src is None:
+                self.pending_src[:batch].fill_(-1)
+            else:
+                self.pending_src[:s].copy_(step.pending_src)
+                self.pending_src[s:batch].fill_(-1)
             self.block_tables[:s, :width].copy_(step.block_tables)
             self.seq_lens[:s].copy_(step.seq_lens)
             if batch > s:

@@ -82,6 +82,9 @@ class ModelRunner:
             CPU included.
     """
 
+    #: ``execute`` fills in a step's pending tokens (``StepInput.pending_src``) on the device
+    supports_pending_tokens = True
+
     def __init__(self, model_or_path: ModelOrPath, num_gpu_blocks: Optional[int] = None, block_size: int = 16,
                  num_cpu_blocks: int = 0, dtype: Optional[torch.dtype] = None,
                  device: Union[str, torch.device, None] = None):
@@ -182,7 +185,7 @@ class ModelRunner:
         ctx = PagedForwardContext(
             slot_mapping=step.slot_mapping, block_tables=step.block_tables, seq_lens=step.seq_lens,
             cu_seqlens_q=step.cu_seqlens_q, max_query_len=step.max_query_len, kv_caches=kv_caches)
-        kwargs = dict(input_ids=step.input_ids[None], position_ids=step.positions[None], use_cache=False)
+        kwargs = dict(input_ids=step.resolved_input_ids()[None], position_ids=step.positions[None], use_cache=False)
         stance = eager_stance() if self._compiled_layers else contextlib.nullcontext()
         with torch.inference_mode(), forward_context(ctx), stance:
             if self._keeps_logits:

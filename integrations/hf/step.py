@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -27,6 +27,11 @@ class StepInput:
         max_query_len: the most new tokens of any one sequence (a host int).
         logits_indices: [S] int64 index in the packed batch of each sequence's last new token
             (the rows whose logits are returned).
+        pending_src: optional [T] int64; where >= 0, the token's id is not known on the host
+            yet and is ``prev_token_ids[pending_src]`` (an engine that schedules a step while the
+            GPU still samples the previous one); -1 elsewhere.
+        prev_token_ids: optional [R] int64, on the runner's device: the token ids the previous
+            step sampled (needed with ``pending_src``).
     """
 
     input_ids: torch.Tensor
@@ -37,6 +42,19 @@ class StepInput:
     cu_seqlens_q: torch.Tensor
     max_query_len: int
     logits_indices: torch.Tensor
+    pending_src: Optional[torch.Tensor] = None
+    prev_token_ids: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if (self.pending_src is None) != (self.prev_token_ids is None):
+            raise ValueError("StepInput.pending_src and prev_token_ids go together (both or neither)")
+
+    def resolved_input_ids(self) -> torch.Tensor:
+        """``input_ids`` with the pending tokens filled in from ``prev_token_ids`` (on their device)."""
+        if self.pending_src is None:
+            return self.input_ids
+        src = self.pending_src
+        return torch.where(src >= 0, self.prev_token_ids[src.clamp(min=0)], self.input_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -75,8 +75,12 @@ class FakeRunner:
             self._block(self.cache, g).copy_(self._block(self.cpu_cache, c))
         self.num_swapped_in += len(pairs)
 
+    #: fills in pending tokens (async scheduling), as ModelRunner does
+    supports_pending_tokens = True
+
     def execute(self, step) -> torch.Tensor:
-        ids, pos, slots = step.input_ids, step.positions, step.slot_mapping
+        ids, pos, slots = step.resolved_input_ids(), step.positions, step.slot_mapping
+        assert int(ids.min()) >= 0, "a pending token was not filled in"
         tables, lens, cu = step.block_tables, step.seq_lens, step.cu_seqlens_q
         num_tokens, num_seqs = ids.shape[0], lens.shape[0]
         assert ids.dtype == pos.dtype == slots.dtype == torch.int64

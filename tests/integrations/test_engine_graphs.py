@@ -113,3 +113,15 @@ def test_step_input_to_same_device_is_itself():
     step = make_step_input([[1, 2, 3], [4]], [0, 5], [[0], [1]], 16, "cpu")
     assert step.to("cpu") is step
     assert step.num_tokens == 4 and step.num_seqs == 2
+
+
+def test_compile_layers_raises_the_recompile_limit_to_the_number_of_blocks():
+    """Each block is traced once (guarded on its layer_idx): 22 blocks must not hit the default limit of 8."""
+    import torch._dynamo.config as dynamo_config
+
+    from pagedattn.integrations.hf.cuda_graphs import compile_layers
+
+    layers = [torch.nn.Linear(2, 2) for _ in range(22)]
+    compile_layers(layers)
+    assert dynamo_config.recompile_limit >= 22
+    assert all(getattr(m, "_compiled_call_impl", None) is not None for m in layers)

@@ -31,7 +31,7 @@ def load_case(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_many_requests_with_heavy_preemption(load_case, mode):
     path, ps, params, expected = load_case
-    llm = LLM(path, device="cpu", num_gpu_blocks=32, block_size=4, preemption_mode=mode,
+    llm = LLM(path, device="cpu", num_gpu_blocks=16, block_size=4, preemption_mode=mode,
               num_cpu_blocks=256 if mode == "swap" else 0)
     outs = llm.generate(ps, params, use_tqdm=False)
     assert len(outs) == NUM_REQUESTS

@@ -24,9 +24,9 @@ def _spy(engine):
     records = []
     schedule = engine.scheduler.schedule
 
-    def wrapped():
+    def wrapped(*args, **kwargs):
         before = list(engine.scheduler.running)
-        out = schedule()
+        out = schedule(*args, **kwargs)
         records.append((before, out))
         return out
 
@@ -96,15 +96,21 @@ def test_fcfs_order():
     assert order == ["0", "1", "2", "3"]
 
 
-def test_streaming_outputs_grow_by_one_token():
-    engine = make_engine(64)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_streaming_outputs_grow_by_one_token(async_scheduling):
+    engine = make_engine(64, async_scheduling=async_scheduling)
     engine.add_request("a", prompts([9])[0], SamplingParams(temperature=0, max_tokens=5))
-    lengths = []
+    lengths, steps = [], 0
     while engine.has_unfinished_requests():
-        (out,) = engine.step()
-        lengths.append(len(out.outputs[0].token_ids))
-        assert out.finished == (lengths[-1] == 5)
+        outs = engine.step()
+        steps += 1
+        if not async_scheduling:
+            assert len(outs) == 1  # synchronous: every step's token comes back from that step
+        for out in outs:
+            lengths.append(len(out.outputs[0].token_ids))
+            assert out.finished == (lengths[-1] == 5)
     assert lengths == [1, 2, 3, 4, 5]
+    assert steps == (5 if not async_scheduling else 6)  # async: each output one call later
 
 
 # ----------------------------------------------------------------------------- prefix caching
@@ -335,7 +341,7 @@ def test_stop_strings_cut_the_text():
     assert b.text == text[:cut + 2]
     assert a.token_ids == free[:cut + 2]
     engine.add_request("t", "hello", SamplingParams(temperature=0, max_tokens=2))
-    assert engine.step()[0].prompt_token_ids == [7, 4, 11, 11, 14]
+    assert run_all(engine, [])["t"].prompt_token_ids == [7, 4, 11, 11, 14]
 
 
 def test_logprobs_and_cumulative_logprob():
