@@ -5,14 +5,17 @@ batch of ShareGPT-like prompts, steps until every prompt is prefilled, then time
 decode steps of the whole batch:
 
 - ``decode_step_ms``: median wall time of ``LLMEngine.step()`` (schedule, metadata, forward,
-  sampling, outputs; each step ends with the sampler's host sync, so wall time is the step's time).
+  sampling, outputs). Synchronously each step ends with its sampler's host sync; with async
+  scheduling a call launches step t and then reads step t - 1's tokens, so in steady decode the
+  median call is still one step's period.
 - ``floor_ms``: (weight bytes + the batch's K/V bytes) / device-to-device copy rate measured in the
   same process (bytes read + written per second, as bench_ops.py counts it): what one decode step
   must at least read. ``decode_step_vs_floor`` is their ratio.
 - ``gpu_busy_fraction``: the union of the GPU kernels' and copies' intervals recorded by
   ``torch.profiler`` over the timed steps, over the wall time of those steps.
-- ``host_ms``: per phase of a step (schedule, prepare, forward launch, sample + process), from
-  ``time.perf_counter`` around the engine's own calls, medians.
+- ``host_ms``: per phase of a step (schedule, prepare, forward launch, complete: waiting for the
+  sampled tokens and applying them), from ``time.perf_counter`` around the engine's own calls,
+  medians.
 """
 
 from __future__ import annotations
@@ -79,10 +82,10 @@ class _PhaseTimer:
     """Wraps the engine's scheduler, metadata, runner and post-processing calls with perf_counter."""
 
     def __init__(self, eng):
-        self.times: dict[str, list[float]] = {"schedule": [], "prepare": [], "execute": [], "process": []}
+        self.times: dict[str, list[float]] = {"schedule": [], "prepare": [], "execute": [], "complete": []}
         self.on = False
         for name, owner, attr in (("schedule", eng.scheduler, "schedule"), ("prepare", eng, "_prepare"),
-                                  ("execute", eng.runner, "execute"), ("process", eng, "_process")):
+                                  ("execute", eng.runner, "execute"), ("complete", eng, "_complete")):
             setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
 
     def _wrap(self, name, fn):
@@ -121,7 +124,7 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
     for _ in range(3):
         eng.step()
     running = list(eng.scheduler.running)
-    tokens = sum(len(s.token_ids) for g in running for s in g.seqs)
+    tokens = sum(len(s.token_ids) + s.num_pending for g in running for s in g.seqs)
     steps = []
     timer.on = True
     activities = [torch.profiler.ProfilerActivity.CPU] + (
