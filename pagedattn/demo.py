@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     kv_read = sum(lens) * token_bytes
     paged_bytes = num_blocks * bs * token_bytes
     contiguous_bytes = num_seqs * args.max_len * token_bytes
-    backend = "Triton" if ops.config.use_triton(device) else "PyTorch reference"
+    backend = {"triton": "Triton", "cuda": "CUDA (CuPy)", "reference": "PyTorch reference"}[ops.resolve_backend(device)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"pagedattn demo on {name} ({backend}), {args.dtype}, {args.num_heads}/{args.num_kv_heads} heads, "
           f"head {args.head_size}, block {bs}")

@@ -12,14 +12,19 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 tests_timeout="${TESTS_TIMEOUT:-330}"; bench_timeout="${BENCH_TIMEOUT:-200}"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   start=$(date +%s)
-  # the memcheck run is slow (every kernel compiled under the sanitizer): in the background, beside the suite
-  [ "${SKIP_SANITIZER:-0}" = 1 ] || (timeout "$tests_timeout" compute-sanitizer --tool memcheck --error-exitcode 3 python3 tests/ops/sanitize_ops.py \
-    > "$OUT/sanitizer.log" 2>&1; echo "sanitizer rc=$?" >> "$OUT/sanitizer.log") &
+  # the sanitizer runs are slow (every kernel compiled under the sanitizer): in the background, beside the suite;
+  # every op on both kernel backends (Triton, CUDA/CuPy) under memcheck, one configuration each under racecheck
+  if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+    (timeout "$tests_timeout" compute-sanitizer --tool memcheck --error-exitcode 3 python3 tests/ops/sanitize_ops.py \
+      > "$OUT/sanitizer.log" 2>&1; echo "sanitizer rc=$?" >> "$OUT/sanitizer.log") &
+    (timeout "$tests_timeout" compute-sanitizer --tool racecheck --error-exitcode 3 python3 tests/ops/sanitize_ops.py \
+      --quick > "$OUT/racecheck.log" 2>&1; echo "racecheck rc=$?" >> "$OUT/racecheck.log") &
+  fi
   timeout "$tests_timeout" python3 -m pytest ${TEST_PATHS:-tests/ops} -q -n "${XDIST:-8}" -p no:cacheprovider --maxfail=30 \
     -k "not sanitizer" ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - start ))s"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -30
-  wait; [ "${SKIP_SANITIZER:-0}" = 1 ] || tail -3 "$OUT/sanitizer.log"
+  wait; [ "${SKIP_SANITIZER:-0}" = 1 ] || { tail -3 "$OUT/sanitizer.log"; tail -3 "$OUT/racecheck.log"; }
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   start=$(date +%s)

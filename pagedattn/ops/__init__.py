@@ -14,9 +14,10 @@ from pagedattn.ops.api import (
     swap_blocks,
 )
 from pagedattn.ops.checks import SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_HEAD_SIZES
-from pagedattn.ops.config import get_backend, set_backend, set_validation, validation_enabled
+from pagedattn.ops.config import BACKENDS, get_backend, resolve_backend, set_backend, set_validation, validation_enabled
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_LAYOUT",
     "LAYOUTS",
     "SUPPORTED_BLOCK_SIZES",
@@ -28,6 +29,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "reshape_and_cache",
+    "resolve_backend",
     "set_backend",
     "set_validation",
     "swap_blocks",

@@ -1,8 +1,12 @@
 """The ops, registered with ``torch.library`` as ``torch.ops.pagedattn.*``.
 
 Each op checks its arguments on the host (metadata only, so it also runs on fake tensors while
-``torch.compile`` traces), optionally validates index values, then runs the Triton kernel on
-CUDA tensors or the PyTorch reference on CPU tensors (see :mod:`pagedattn.ops.config`).
+``torch.compile`` traces), optionally validates index values, then runs one implementation,
+chosen per device by :func:`pagedattn.ops.config.resolve_backend` and run by
+:mod:`pagedattn.ops.dispatch`: the Triton kernels (:mod:`pagedattn.ops.launchers`), the CUDA C++
+kernels (:mod:`pagedattn.ops.cuda_attention`, :mod:`pagedattn.ops.cuda_cache`) or the PyTorch
+reference (:mod:`pagedattn.ops.reference`).
+The checks are the same for every backend, so bad input fails the same way on each.
 Every op writes into caller-given tensors and returns nothing, so it is safe to capture in a
 CUDA graph and cheap to trace.
 """
@@ -14,12 +18,7 @@ from typing import Optional
 import torch
 
 from pagedattn.ops import checks, config, reference, swap, validation
-
-
-def _launchers():
-    from pagedattn.ops import launchers  # imported lazily: Triton is only needed when it runs
-
-    return launchers
+from pagedattn.ops.dispatch import run_kernels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,10 +93,8 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
                        softcap, alibi_slopes, lse, max_seq_len, num_splits)
     if validate or config.validation_enabled():
         validation.validate_paged_context(block_tables, seq_lens, key_cache)
-    if config.use_triton(query.device):
-        _launchers().paged_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
-                                  sliding_window, softcap, alibi_slopes, lse, max_seq_len, num_splits)
-    else:
+    if not run_kernels(query.device, "paged_decode", out, query, key_cache, value_cache, block_tables, seq_lens,
+                       scale, sliding_window, softcap, alibi_slopes, lse, max_seq_len, num_splits):
         reference.paged_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale,
                                sliding_window, softcap, alibi_slopes, lse)
 
@@ -135,10 +132,8 @@ def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
     if validate or config.validation_enabled():
         validation.validate_paged_context(block_tables, seq_lens, key_cache)
         validation.validate_cu_seqlens_q(cu_seqlens_q, seq_lens, query.shape[0], max_query_len)
-    if config.use_triton(query.device):
-        _launchers().paged_prefill(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
-                                   max_query_len, scale, sliding_window, softcap, alibi_slopes, lse)
-    else:
+    if not run_kernels(query.device, "paged_prefill", out, query, key_cache, value_cache, block_tables, seq_lens,
+                       cu_seqlens_q, max_query_len, scale, sliding_window, softcap, alibi_slopes, lse):
         reference.paged_prefill(out, query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                                 sliding_window, softcap, alibi_slopes, lse)
 
@@ -180,9 +175,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     check_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
     if validate or config.validation_enabled():
         validation.validate_slot_mapping(slot_mapping, key_cache.shape[0] * key_cache.shape[1])
-    if config.use_triton(key.device):
-        _launchers().reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
-    else:
+    if not run_kernels(key.device, "reshape_and_cache", key, value, key_cache, value_cache, slot_mapping):
         reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
@@ -239,9 +232,7 @@ def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]
     check_copy_blocks(key_caches, value_caches, block_mapping)
     if validate or config.validation_enabled():
         validate_copy_pairs(block_mapping, key_caches[0].shape[0])
-    if config.use_triton(block_mapping.device):
-        _launchers().copy_blocks(key_caches, value_caches, block_mapping)
-    else:
+    if not run_kernels(block_mapping.device, "copy_blocks", key_caches, value_caches, block_mapping):
         reference.copy_blocks(key_caches, value_caches, block_mapping)
 
 

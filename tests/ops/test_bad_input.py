@@ -228,3 +228,59 @@ def test_errors_are_raised_while_tracing_with_fake_tensors():
         with pytest.raises(ValueError, match="must be a multiple"):
             ops.paged_decode_attention(args["query"], args["key_cache"], args["value_cache"], args["block_tables"],
                                        args["seq_lens"])
+
+
+def gpu_cases():
+    """Bad input on CUDA tensors: the checks run before any backend, so every backend fails the same way."""
+    def caches(dtype=torch.float32):
+        kc, vc = ops.allocate_kv_cache(4, 4, 2, 64, dtype, "cuda")
+        return kc.zero_(), vc.zero_()
+
+    def decode(query=None, seq_lens=None, key_cache=None, validate=False):
+        kc, vc = caches()
+        ops.paged_decode_attention(query if query is not None else torch.randn(2, 4, 64, device="cuda"),
+                                   key_cache if key_cache is not None else kc, vc,
+                                   torch.zeros(2, 2, dtype=torch.int32, device="cuda"),
+                                   seq_lens if seq_lens is not None else torch.tensor([1, 5], dtype=torch.int32,
+                                                                                      device="cuda"),
+                                   validate=validate)
+
+    def cache(slot_mapping, validate=False):
+        kc, vc = caches()
+        new = torch.randn(3, 2, 64, device="cuda")
+        ops.reshape_and_cache(new, new, kc, vc, slot_mapping.cuda(), validate=validate)
+
+    def copy(mapping, validate=False):
+        kc, vc = caches()
+        ops.copy_blocks([kc], [vc], mapping.cuda(), validate=validate)
+
+    return [
+        ("decode dtype mismatch", lambda: decode(query=torch.randn(2, 4, 64, device="cuda", dtype=torch.float16)),
+         TypeError, "key_cache must have the same dtype as query"),
+        ("decode cache on the CPU", lambda: decode(key_cache=torch.zeros(4, 4, 2, 64)), ValueError,
+         "value_cache must be on the same device as key_cache"),
+        ("decode seq_lens int64", lambda: decode(seq_lens=torch.ones(2, dtype=torch.int64, device="cuda")), TypeError,
+         "seq_lens must have dtype int32"),
+        ("decode seq_len too long (validate)",
+         lambda: decode(seq_lens=torch.tensor([1, 9], dtype=torch.int32, device="cuda"), validate=True),
+         ValueError, "seq_lens[1] = 9 is outside [0, 8]"),
+        ("slot_mapping float", lambda: cache(torch.arange(3.0)), TypeError,
+         "slot_mapping must have dtype int64, int32"),
+        ("slot beyond cache (validate)", lambda: cache(torch.tensor([0, 16, 1]), validate=True), ValueError,
+         "slot_mapping[1] = 16 is beyond the cache's 16 slots"),
+        ("copy mapping 3 columns", lambda: copy(torch.tensor([[0, 1, 2]])), ValueError,
+         "block_mapping must have shape [num_pairs, 2] (src, dst)"),
+        ("copy chained pairs (validate)", lambda: copy(torch.tensor([[0, 1], [1, 2]]), validate=True), ValueError,
+         "block 1 is both a source and a destination"),
+    ]
+
+
+GPU_CASES = gpu_cases()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,thunk,error,message", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_bad_input_on_cuda_tensors_is_the_same_on_every_backend(gpu_backend, name, thunk, error, message):
+    with pytest.raises(error) as info:
+        thunk()
+    assert message in str(info.value), f"{name} ({gpu_backend}): message was {info.value}"

@@ -1,4 +1,5 @@
-"""GPU sweep of paged decode attention against the reference (over 1,000 configurations).
+"""GPU sweep of paged decode attention against the reference (over 1,000 configurations), for each
+kernel backend (the ``gpu_backend`` fixture: Triton, then CUDA).
 
 Every configuration uses sequence lengths 1, block_size - 1, block_size, block_size + 1 and a
 maximum, NaN in every cache slot no sequence owns, poisoned outputs and fresh random data.
@@ -13,7 +14,7 @@ import torch
 from pagedattn.ops import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_SIZES, paged_decode_attention, reference
 from tests.ops.problems import make_decode_problem, run_decode_and_check
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_backend")]  # Triton, then CUDA (CuPy)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_LAYOUTS = ((4, 4), (8, 2), (4, 1))  # MHA, GQA, MQA (num_heads, num_kv_heads)

@@ -1,4 +1,5 @@
-"""GPU sweep of paged prefill/append attention against the reference (over 500 configurations).
+"""GPU sweep of paged prefill/append attention against the reference (over 500 configurations), for each
+kernel backend (the ``gpu_backend`` fixture: Triton, then CUDA).
 
 Shapes cover no prefix, a 1-token prefix, prefixes ending mid-block and on a block boundary,
 chunks of 1 token and of several blocks, mixed prefill + decode batches and repeated block ids,
@@ -14,7 +15,7 @@ import torch
 from pagedattn.ops import SUPPORTED_HEAD_SIZES
 from tests.ops.problems import make_prefill_problem, run_prefill_and_check
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("gpu_backend")]  # Triton, then CUDA (CuPy)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_LAYOUTS = ((4, 4), (8, 2), (8, 1))

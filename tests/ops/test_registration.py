@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pagedattn.ops as ops
-from pagedattn.ops import config
+from tests.ops.conftest import use_backend
 from tests.ops.problems import make_decode_problem
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -34,14 +34,22 @@ def cache_args(device):
     return key, value, kc, vc, slots
 
 
-@pytest.fixture(params=["auto", "triton"])
+@pytest.fixture(params=["auto", "triton", "cuda"])
 def backend(request):
     device = request.node.callspec.params.get("device", "cpu")
     if request.param == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set on machines without CUDA)")
-    config.set_backend(request.param)
-    yield request.param
-    config.set_backend("auto")
+    if request.param == "cuda" and device == "cpu":
+        pytest.skip("the cuda backend runs the reference on CPU tensors (as auto does)")
+    yield from use_backend(request.param)
+
+
+@pytest.fixture(params=["auto", "cuda"])
+def compile_backend(request):
+    """auto (Triton on CUDA tensors, the reference on CPU tensors), then the cuda backend on CUDA tensors."""
+    if request.param == "cuda" and request.node.callspec.params.get("device", "cpu") == "cpu":
+        pytest.skip("the cuda backend runs the reference on CPU tensors (as auto does)")
+    yield from use_backend(request.param)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -78,7 +86,7 @@ def test_opcheck_copy_blocks(device, backend):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_swap_blocks(device):
+def test_opcheck_swap_blocks(device, backend):
     src, _ = ops.allocate_kv_cache(4, 4, 2, 64, torch.float32, device)
     src.copy_(torch.randn(src.shape))
     dst, _ = ops.allocate_kv_cache(3, 4, 2, 64, torch.float32, "cpu", pin_memory=device == "cuda")
@@ -101,7 +109,7 @@ def step(query, key, value, key_cache, value_cache, slots, block_tables, seq_len
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_calls_every_op_without_graph_breaks(device):
+def test_compile_fullgraph_calls_every_op_without_graph_breaks(device, compile_backend):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(4)
     p = make_decode_problem([5, 12], 4, 2, 64, 4, torch.float32, device, generator=g)

@@ -1,4 +1,5 @@
-"""swap_blocks: copies between caches, coalescing runs of consecutive blocks."""
+"""swap_blocks: copies between caches, coalescing runs of consecutive blocks (the same plain copies on
+every backend; the GPU tests still run once per kernel backend)."""
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def test_swap_blocks_cpu_roundtrip(layout):
 
 
 @pytest.mark.gpu
-def test_swap_blocks_gpu_to_pinned_cpu_and_back_async():
+def test_swap_blocks_gpu_to_pinned_cpu_and_back_async(gpu_backend):
     g = torch.Generator().manual_seed(1)
     gpu, _ = ops.allocate_kv_cache(64, 16, 8, 128, torch.float16, "cuda")
     gpu.copy_(torch.randn(gpu.shape, generator=g))
@@ -55,7 +56,7 @@ def test_swap_blocks_gpu_to_pinned_cpu_and_back_async():
 
 
 @pytest.mark.gpu
-def test_swap_blocks_with_pageable_cpu_cache_is_still_correct():
+def test_swap_blocks_with_pageable_cpu_cache_is_still_correct(gpu_backend):
     """torch.compile's functionalization may hand the op an unpinned copy: it must still be right."""
     g = torch.Generator().manual_seed(2)
     gpu, _ = ops.allocate_kv_cache(4, 16, 2, 64, torch.float16, "cuda")
