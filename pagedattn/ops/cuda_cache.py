@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pagedattn.ops import cuda_runtime
+from pagedattn.ops.pointer_tables import cache_pointer_table
 from pagedattn.ops.swap import swap_blocks  # noqa: F401  (the CUDA backend's swap_blocks; see above)
 
 SOURCE = "cache.cu"
@@ -29,8 +30,6 @@ MAX_THREADS = 256
 COPY_UNROLL = 4
 MAX_GRID_X = 2**31 - 1
 MAX_GRID_YZ = 65535
-
-_POINTER_TABLES: dict[tuple, torch.Tensor] = {}
 
 
 def vector_bytes(pointers, byte_strides, row_bytes: int) -> int:
@@ -95,22 +94,6 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
     defines, grid, block, args = plan
     kernel = cuda_runtime.get_kernel(SOURCE, "reshape_and_cache_kernel", defines, key.device.index)
     cuda_runtime.launch(kernel, grid, block, args)
-
-
-def cache_pointer_table(caches: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """A device tensor of the caches' data pointers (uint64 as int64), built once per set of caches,
-    so ``copy_blocks`` uploads nothing after the first call and can then be captured in a CUDA graph."""
-    key = (caches[0].device, tuple(c.data_ptr() for c in caches))
-    table = _POINTER_TABLES.get(key)
-    if table is None:
-        if caches[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("copy_blocks: call it once with these caches before capturing it in a CUDA graph "
-                               "(its table of cache pointers must be uploaded outside capture)")
-        if len(_POINTER_TABLES) >= 64:
-            _POINTER_TABLES.pop(next(iter(_POINTER_TABLES)))
-        table = torch.tensor(key[1], dtype=torch.int64, device=caches[0].device)
-        _POINTER_TABLES[key] = table
-    return table, key[1]
 
 
 def copy_blocks_plan(caches: list[torch.Tensor], block_mapping: torch.Tensor, table: torch.Tensor,

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedattn.ops.pointer_tables import cache_pointer_table
 from pagedattn.ops.triton_cache import copy_blocks_kernel, reshape_and_cache_kernel
 from pagedattn.ops.triton_decode import merge_splits_kernel, paged_decode_kernel
 from pagedattn.ops.triton_prefill import paged_prefill_kernel
@@ -141,26 +142,6 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
 
 
 COPY_CHUNK = 2048
-_POINTER_TABLES: dict[tuple, torch.Tensor] = {}
-
-
-def _cache_pointer_table(caches: list[torch.Tensor]) -> torch.Tensor:
-    """A device tensor of the caches' data pointers, built once per set of caches.
-
-    Reusing it keeps ``copy_blocks`` free of host-to-device uploads after the first call, so a
-    call can be captured in a CUDA graph once the same caches were used outside capture.
-    """
-    key = (caches[0].device, tuple(c.data_ptr() for c in caches))
-    table = _POINTER_TABLES.get(key)
-    if table is None:
-        if caches[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("copy_blocks: call it once with these caches before capturing it in a CUDA graph "
-                               "(its table of cache pointers must be uploaded outside capture)")
-        if len(_POINTER_TABLES) >= 64:
-            _POINTER_TABLES.pop(next(iter(_POINTER_TABLES)))
-        table = torch.tensor(key[1], dtype=torch.int64, device=caches[0].device)
-        _POINTER_TABLES[key] = table
-    return table
 
 
 def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor],
@@ -171,7 +152,7 @@ def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]
         return
     first = caches[0]
     block_numel = first[0].numel()
-    cache_ptrs = _cache_pointer_table(caches)
+    cache_ptrs, _ = cache_pointer_table(caches)
     extra = {} if first.device.type != "cuda" else {"num_warps": 4}
     copy_blocks_kernel[(num_pairs, len(caches), triton.cdiv(block_numel, COPY_CHUNK))](
         cache_ptrs, block_mapping, *block_mapping.stride(),
