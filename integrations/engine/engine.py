@@ -202,27 +202,31 @@ class LLMEngine:
         overlappable = self._can_overlap
         now = time.monotonic()
         for i, x in enumerate(out.seqs):
-            g = x.group
+            g, seq = x.group, x.seq
             if g.first_scheduled_time is None:
                 g.first_scheduled_time = now
-            x.seq.num_computed_tokens = x.num_computed + x.num_new_tokens
-            if not x.samples:
-                continue
+            seq.num_computed_tokens = computed = x.num_computed + x.num_new_tokens
+            if computed != len(seq.token_ids) + seq.num_pending:
+                continue  # a prompt chunk before the last: nothing to sample
             touched[id(g)] = g
             if g.beam is not None:
                 beams.setdefault(id(g), (g, []))[1].append(i)
                 overlappable = False
                 continue
-            if not g.forked or (g.generator is not None and len(g.seqs) > 1):
-                # Host work first: the samples fork the prompt's sequence; or seeded samples share
-                # their request's generator, which a sibling's row after its stop would advance.
-                overlappable = False
-            copies = 1 if g.forked else g.params.num_seqs
-            for _ in range(copies):
+            if g.forked and (g.generator is None or len(g.seqs) == 1):
                 rows.append(i)
                 params.append(g.params)
                 gens.append(g.generator)
-                targets.append((g, x.seq))
+                targets.append((g, seq))
+                continue
+            # Host work first: the samples fork the prompt's sequence; or seeded samples share
+            # their request's generator, which a sibling's row after its stop would advance.
+            overlappable = False
+            for _ in range(1 if g.forked else g.params.num_seqs):
+                rows.append(i)
+                params.append(g.params)
+                gens.append(g.generator)
+                targets.append((g, seq))
         sample = self.sampler.launch(logits, params, gens, rows) if rows else None
         counted: list[bool] = []
         if overlappable:
@@ -255,16 +259,17 @@ class LLMEngine:
         if res is not None:
             samples: dict[int, list] = {}
             counted = launched.counted
-            for j, ((g, seq), *r) in enumerate(zip(launched.targets, res.token_ids, res.logprobs,
-                                                    res.top_logprobs)):
+            toks, lps, tops = res.token_ids, res.logprobs, res.top_logprobs
+            append = self._append_token
+            for j, (g, seq) in enumerate(launched.targets):
                 if counted and counted[j]:
                     seq.num_pending -= 1
                 if seq.status.finished:  # it stopped on an earlier token, or was aborted
                     continue
                 if g.forked:
-                    self._append_token(g, seq, *r)
+                    append(g, seq, toks[j], lps[j], tops[j])
                 else:
-                    samples.setdefault(id(g), [g, seq]).append(r)
+                    samples.setdefault(id(g), [g, seq]).append((toks[j], lps[j], tops[j]))
                 num_new += 1
             for g, parent, *draws in samples.values():
                 # best_of samples of a prompt: fork its sequence (blocks shared, copy on write).

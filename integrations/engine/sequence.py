@@ -25,6 +25,8 @@ _seq_counter = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
+    """A sequence's state; ``status.finished`` says whether it is one of the ``FINISHED_*``."""
+
     WAITING = "waiting"
     RUNNING = "running"
     SWAPPED = "swapped"
@@ -34,16 +36,15 @@ class SequenceStatus(enum.Enum):
     FINISHED_IGNORED = "finished_ignored"   # can never be scheduled: the request's error
 
     @property
-    def finished(self) -> bool:
-        return self in _FINISHED
-
-    @property
     def finish_reason(self) -> str | None:
         return {"FINISHED_STOPPED": "stop", "FINISHED_LENGTH": "length",
                 "FINISHED_ABORTED": "abort", "FINISHED_IGNORED": "error"}.get(self.name)
 
 
 _FINISHED = frozenset(s for s in SequenceStatus if s.name.startswith("FINISHED"))
+for _status in SequenceStatus:
+    # a plain attribute, not a property: the engine reads it for every sequence of every step
+    _status.finished = _status in _FINISHED  # type: ignore[misc]
 
 
 class Sequence:

@@ -48,13 +48,19 @@ class AppendMixin:
         Counts new blocks plus copy-on-write copies (a shared partly filled last block is
         copied for each appending holder except the last one, when no other sequence holds it).
         """
-        bs, total = self.block_size, 0
+        bs = self.block_size
+        ids = seq_ids if isinstance(seq_ids, (list, tuple)) else list(seq_ids)
+        rows = self._rows_for(ids, "append to")
+        n = self.arrays.num_tokens[rows]
+        k = num_new_tokens
+        total = int(((n + k + bs - 1) // bs - (n + bs - 1) // bs).sum())
+        if k <= 0 or not self.arrays.num_maybe_shared:
+            return total
+        # Copy-on-write: only a flagged row can have a shared, partly filled last block.
         holders: dict[int, int] = {}
-        for seq_id in seq_ids:
-            seq = self._get_running(seq_id, "append to")
-            n = int(self.arrays.num_tokens[seq.row])
-            total += -(-(n + num_new_tokens) // bs) - -(-n // bs)
-            if n % bs and num_new_tokens > 0 and seq.blocks[-1].ref_cnt > 1:
+        for r in rows[self.arrays.maybe_shared[rows]].tolist():
+            seq = self._row_seqs[r]
+            if self.arrays.num_tokens[r] % bs and seq.blocks[-1].ref_cnt > 1:
                 bid = seq.blocks[-1].block_id
                 holders[bid] = holders.get(bid, 0) + 1
         for bid, h in holders.items():

@@ -6,6 +6,8 @@ Mixed into :class:`~pagedattn.alloc.block_manager.BlockManager`; all are O(1) ex
 
 from __future__ import annotations
 
+import numpy as np
+
 __all__ = ["FiguresMixin"]
 
 
@@ -53,11 +55,13 @@ class FiguresMixin:
         used = self.gpu_pool.num_used_blocks
         if used == 0:
             return 0.0
-        bs = self.block_size
-        partial: dict[int, int] = {}
-        for seq in self._seqs.values():
-            fill = int(self.arrays.num_tokens[seq.row]) % bs
-            if fill and not seq.swapped:
-                partial[seq.blocks[-1].block_id] = fill
-        filled = (used - len(partial)) * bs + sum(partial.values())
+        bs, arrays = self.block_size, self.arrays
+        rows = np.fromiter((seq.row for seq in self._seqs.values() if not seq.swapped), np.intp)
+        n = arrays.num_tokens[rows]
+        fill = n % bs
+        part = fill > 0
+        # a partly filled last block shared by several sequences (after a fork) counts once
+        last_blocks = arrays.block_tables[rows[part], (n[part] - 1) // bs]
+        distinct, first = np.unique(last_blocks, return_index=True)
+        filled = (used - distinct.shape[0]) * bs + int(fill[part][first].sum())
         return filled / (used * bs)
