@@ -84,7 +84,10 @@ class _PhaseTimer:
     def __init__(self, eng):
         self.times: dict[str, list[float]] = {"schedule": [], "prepare": [], "execute": [], "complete": []}
         self.on = False
-        for name, owner, attr in (("schedule", eng.scheduler, "schedule"), ("prepare", eng, "_prepare"),
+        import pagedattn.integrations.engine.engine as engine_module  # (its step input builder)
+
+        for name, owner, attr in (("schedule", eng.scheduler, "schedule"),
+                                  ("prepare", engine_module, "build_step_input"),
                                   ("execute", eng.runner, "execute"), ("complete", eng, "_complete")):
             setattr(owner, attr, self._wrap(name, getattr(owner, attr)))
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from pagedattn.integrations.engine.beam import beam_step
 from pagedattn.integrations.engine.config import EngineConfig
+from pagedattn.integrations.engine.launched import LaunchedStep, build_step_input
 from pagedattn.integrations.engine.metrics import EngineMetrics
 from pagedattn.integrations.engine.outputs import OutputBuilder
-from pagedattn.integrations.engine.runner import StepInput, make_runner, maybe_capture_graphs, model_limits
-from pagedattn.integrations.engine.sampling import PendingSample, Sampler, SamplingParams
+from pagedattn.integrations.engine.runner import make_runner, maybe_capture_graphs, model_limits
+from pagedattn.integrations.engine.sampling import Sampler, SamplingParams
 from pagedattn.integrations.engine.scheduler import Scheduler, SchedulerOutput
 from pagedattn.integrations.engine.sequence import (
     RequestOutput,
@@ -26,38 +25,6 @@ from pagedattn.integrations.engine.sequence import (
 from pagedattn.alloc import BlockManager
 
 __all__ = ["LLMEngine"]
-
-
-@dataclass(slots=True, eq=False)
-class _Launched:
-    """A step whose forward and sampling are queued on the device.
-
-    Attributes:
-        targets: per sample, its group and sequence (the sampler's row order).
-        counted: per sample, whether its token was counted in ``seq.num_pending`` (empty unless
-            ``overlappable``).
-        overlappable: the next step may be scheduled before this one's tokens are read.
-        pending: the step's inputs that were the previous step's pending tokens:
-            ``(seq, row of the previous step's samples)``.
-    """
-
-    out: SchedulerOutput
-    sample: PendingSample | None
-    targets: list[tuple[SequenceGroup, Sequence]]
-    counted: list[bool]
-    beams: dict[int, tuple[SequenceGroup, list[int]]]
-    touched: list[SequenceGroup]
-    logits: torch.Tensor | None
-    pending: list[tuple[Sequence, int]]
-    overlappable: bool
-    start: float
-    _rows: dict[int, int] | None = None
-
-    def sample_row(self, seq: Sequence) -> int:
-        """The row of ``seq``'s sample in ``sample.ids``."""
-        if self._rows is None:
-            self._rows = {s.seq_id: j for j, (_, s) in enumerate(self.targets)}
-        return self._rows[seq.seq_id]
 
 
 class LLMEngine:
@@ -97,7 +64,7 @@ class LLMEngine:
         self._groups: dict[str, SequenceGroup] = {}
         self._order = itertools.count()
         #: the launched step whose tokens are not read yet (async scheduling)
-        self._inflight: _Launched | None = None
+        self._inflight: LaunchedStep | None = None
         self._last_complete = 0.0
         self._can_overlap = cfg.async_scheduling and bool(getattr(self.runner, "supports_pending_tokens", False))
         #: whether step() also returns unfinished requests' outputs (False: finished ones only)
@@ -189,9 +156,9 @@ class LLMEngine:
             results += self._complete(launched, None)
         return results
 
-    def _launch(self, out: SchedulerOutput, prev: _Launched | None) -> _Launched:
+    def _launch(self, out: SchedulerOutput, prev: LaunchedStep | None) -> LaunchedStep:
         """Run the step's forward and queue its sampling; no host sync."""
-        step_input, pending = self._prepare(out, prev)
+        step_input, pending = build_step_input(out, self.block_manager, prev)
         logits = self.runner.execute(step_input)
         rows: list[int] = []
         params: list[SamplingParams] = []
@@ -239,10 +206,10 @@ class LLMEngine:
                 counted.append(not last)
                 if not last:
                     seq.num_pending += 1
-        return _Launched(out, sample, targets, counted, beams, list(touched.values()),
+        return LaunchedStep(out, sample, targets, counted, beams, list(touched.values()),
                          logits if beams else None, pending, overlappable, time.perf_counter())
 
-    def _complete(self, launched: _Launched, nxt: _Launched | None) -> list[RequestOutput]:
+    def _complete(self, launched: LaunchedStep, nxt: LaunchedStep | None) -> list[RequestOutput]:
         """Read a launched step's tokens and apply them: append, stop, fork, beams, retire.
 
         ``nxt`` is the step launched after it, whose pending inputs were this step's tokens: the
@@ -325,60 +292,6 @@ class LLMEngine:
         self.metrics.record_finished(g)
         return self.outputs.build(g, self.scheduler.max_model_len)
 
-    def _prepare(self, out: SchedulerOutput, prev: _Launched | None
-                 ) -> tuple[StepInput, list[tuple[Sequence, int]]]:
-        """The step's input on the host, and its pending inputs ``[(seq, row of prev's samples)]``:
-        sequences whose input token ``prev`` (still running) sampled, filled in on the device."""
-        seqs = out.seqs
-        ids = [x.seq.seq_id for x in seqs]
-        pending: list[tuple[Sequence, int]] = []
-        src: list[int] = []
-        if out.num_prefill_tokens == 0:
-            meta = self.block_manager.build_metadata(ids)
-            tokens = []
-            for x in seqs:
-                seq = x.seq
-                if seq.num_pending:
-                    # A pending token is the sequence's last; it is always a decode row's input.
-                    if not src:
-                        src = [-1] * len(seqs)
-                    src[len(tokens)] = prev.sample_row(seq)
-                    pending.append((seq, src[len(tokens)]))
-                    tokens.append(0)
-                else:
-                    tokens.append(seq.token_ids[x.num_computed])
-            max_q = 1
-        else:
-            new = np.fromiter((x.num_new_tokens for x in seqs), np.int64, len(seqs))
-            meta = self.block_manager.build_metadata(ids, new)
-            tokens = []
-            for x in seqs:
-                seq = x.seq
-                if seq.num_pending:  # a decode row (one new token): its token is pending
-                    if not src:
-                        src = [-1] * int(new.sum())
-                    src[len(tokens)] = prev.sample_row(seq)
-                    pending.append((seq, src[len(tokens)]))
-                    tokens.append(0)
-                else:
-                    tokens.extend(seq.token_ids[x.num_computed:x.num_computed + x.num_new_tokens])
-            max_q = int(new.max())
-        # Host tensors (no copies of the numpy arrays): the runner uploads them, a decode step
-        # through its CUDA graphs' pinned buffers.
-        qsl = torch.from_numpy(meta.query_start_loc)
-        step = StepInput(
-            input_ids=torch.tensor(tokens, dtype=torch.int64),
-            positions=torch.from_numpy(meta.positions),
-            slot_mapping=torch.from_numpy(meta.slot_mapping),
-            block_tables=torch.from_numpy(np.ascontiguousarray(meta.block_tables)),
-            seq_lens=torch.from_numpy(meta.seq_lens),
-            cu_seqlens_q=qsl,
-            max_query_len=max_q,
-            logits_indices=qsl[1:].to(torch.int64) - 1,
-            pending_src=torch.tensor(src, dtype=torch.int64) if src else None,
-            prev_token_ids=prev.sample.ids if src else None,
-        )
-        return step, pending
 
     # ------------------------------------------------------------------------ post-process
     def _stop_ids(self, g: SequenceGroup) -> set[int]:
