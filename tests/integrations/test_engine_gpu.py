@@ -103,3 +103,24 @@ def test_compiled_decode_graphs_match_hf(case):
     assert graphs is not None and graphs.num_replays >= 47
     assert [o.outputs[0].token_ids for o in outs] == refs
     _no_leak(llm)
+
+
+def test_async_scheduling_on_cuda_matches_sync(case):
+    """Async scheduling (pending inputs filled inside the decode graphs) gives the synchronous engine's outputs:
+    greedy, seeded sampling and a stop token that ends requests early, with prefix sharing."""
+    path, ps, refs = case
+    prompts = ps + [ps[3] + ps[1], ps[3] + ps[2]]  # shared prefixes
+    params = [SamplingParams(temperature=0, max_tokens=40) if i % 3 == 0 else
+              SamplingParams(temperature=0.9, top_k=50, seed=i, max_tokens=40) if i % 3 == 1 else
+              SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[refs[0][5]])
+              for i in range(len(prompts))]
+    results = {}
+    for flag in (False, True):
+        llm = LLM(path, num_gpu_blocks=512, async_scheduling=flag)
+        assert llm.engine.decode_graphs is not None
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results[flag] = [o.outputs[0].token_ids for o in outs]
+        assert llm.engine.decode_graphs.num_replays > 0
+        _no_leak(llm)
+    assert results[True] == results[False]
+    assert results[True][0] == refs[0][:40]
