@@ -3,7 +3,6 @@ beam search."""
 
 from __future__ import annotations
 
-
 import pytest
 from pagedattn.integrations.engine import SamplingParams
 
