@@ -185,6 +185,8 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
             # only when asked for by --stages
             st("engine_profile_compiled", "engine_profile", sg, 240, 60, prio=1, num_steps=30, optional=True,
                engine_overrides=dict(compile_decode=True))
+            st("engine_profile_threaded", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
+               engine_overrides=dict(threaded_graph_launch=True))
             st("engine_profile_sync", "engine_profile", sg, 90, 40, prio=3, num_steps=30,
                engine_overrides=dict(async_scheduling=False))
             st("engine_profile_eager", "engine_profile", sg, 90, 40, prio=3, num_steps=30,

@@ -70,6 +70,9 @@ class EngineConfig:
             synchronously. A sequence that stops on a sampled token (EOS, stop token or string)
             has computed one more token by then, which is dropped. Needs a runner that fills in
             pending tokens (``ModelRunner`` does); the outputs are the same either way.
+        threaded_graph_launch: with async scheduling, launch a decode step's CUDA graph from a
+            worker thread (the launch releases the GIL) while the engine reads the previous
+            step's tokens; off by default until measured on a GPU.
     """
 
     block_size: int = 16
@@ -90,6 +93,7 @@ class EngineConfig:
     enforce_eager: bool = False
     compile_decode: bool = False
     async_scheduling: bool = True
+    threaded_graph_launch: bool = False
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, 1)
@@ -105,7 +109,7 @@ class EngineConfig:
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_model_len", self.max_model_len, 1, allow_none=True)
         for name in ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager",
-                     "compile_decode", "async_scheduling"):
+                     "compile_decode", "async_scheduling", "threaded_graph_launch"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.preemption_mode not in PREEMPTION_MODES:

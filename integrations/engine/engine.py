@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from pagedattn.integrations.engine.beam import beam_step
@@ -67,6 +67,8 @@ class LLMEngine:
         self._inflight: LaunchedStep | None = None
         self._last_complete = 0.0
         self._can_overlap = cfg.async_scheduling and bool(getattr(self.runner, "supports_pending_tokens", False))
+        self._threaded_launch = (self._can_overlap and cfg.threaded_graph_launch
+                                 and callable(getattr(self.runner, "execute_async", None)))
         #: whether step() also returns unfinished requests' outputs (False: finished ones only)
         self.stream_outputs = True
 
@@ -147,19 +149,31 @@ class LLMEngine:
             runner.swap_in(out.blocks_to_swap_in)
         if out.blocks_to_copy:
             runner.copy_blocks(out.blocks_to_copy)
-        launched = self._launch(out, inflight)
-        if inflight is not None:  # its tokens, read while the GPU runs the step just launched
-            results += self._complete(inflight, launched)
+        # The in-flight step's tokens are read while the forward just started runs (with
+        # threaded_graph_launch, while a worker thread is still launching its CUDA graph).
+        def read_inflight(pending: list[tuple[Sequence, int]]) -> None:
+            if inflight is not None:
+                results.extend(self._complete(inflight, pending))
+
+        launched = self._launch(out, inflight, read_inflight)
         if launched.overlappable and not out.stalled:
             self._inflight = launched
         else:
             results += self._complete(launched, None)
         return results
 
-    def _launch(self, out: SchedulerOutput, prev: LaunchedStep | None) -> LaunchedStep:
-        """Run the step's forward and queue its sampling; no host sync."""
+    def _launch(self, out: SchedulerOutput, prev: LaunchedStep | None,
+                while_running: Callable[[list[tuple[Sequence, int]]], None]) -> LaunchedStep:
+        """Start the step's forward, call ``while_running(pending inputs)``, then queue its
+        sampling; no host sync."""
         step_input, pending = build_step_input(out, self.block_manager, prev)
-        logits = self.runner.execute(step_input)
+        if self._threaded_launch:
+            get_logits = self.runner.execute_async(step_input)
+            while_running(pending)
+            logits = get_logits()
+        else:
+            logits = self.runner.execute(step_input)
+            while_running(pending)
         rows: list[int] = []
         params: list[SamplingParams] = []
         gens: list[torch.Generator | None] = []
@@ -209,18 +223,20 @@ class LLMEngine:
         return LaunchedStep(out, sample, targets, counted, beams, list(touched.values()),
                          logits if beams else None, pending, overlappable, time.perf_counter())
 
-    def _complete(self, launched: LaunchedStep, nxt: LaunchedStep | None) -> list[RequestOutput]:
+    def _complete(self, launched: LaunchedStep, next_pending: list[tuple[Sequence, int]] | None
+                  ) -> list[RequestOutput]:
         """Read a launched step's tokens and apply them: append, stop, fork, beams, retire.
 
-        ``nxt`` is the step launched after it, whose pending inputs were this step's tokens: the
-        allocator gets their ids (to hash the blocks they filled) before anything is freed.
+        ``next_pending`` are the inputs of the step launched after it that are this step's tokens
+        (``(seq, row of this step's samples)``): the allocator gets their ids (to hash the blocks
+        they filled) before anything is freed.
         """
         out = launched.out
         num_new = 0
         res = launched.sample.result() if launched.sample is not None else None
-        if nxt is not None and nxt.pending:
+        if next_pending:
             mgr = self.block_manager
-            live = [(seq, j) for seq, j in nxt.pending if seq.seq_id in mgr]
+            live = [(seq, j) for seq, j in next_pending if seq.seq_id in mgr]
             if live:
                 mgr.set_last_tokens([seq.seq_id for seq, _ in live], [res.token_ids[j] for _, j in live])
         if res is not None:

@@ -13,7 +13,7 @@ import gc
 import inspect
 import math
 import os
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -155,6 +155,21 @@ class ModelRunner:
             if batch is not None:
                 return graphs.replay(step, batch)
         return self._forward(step.to(self.device), self._cache().device_caches)
+
+    def execute_async(self, step: StepInput) -> Callable[[], torch.Tensor]:
+        """Start :meth:`execute`; returns a function that waits for the launch and returns the logits.
+
+        A decode step with captured graphs launches its graph from a worker thread (the launch
+        releases the GIL, so the caller's Python work overlaps it); the caller must queue no other
+        device work until it has called the returned function. Other steps run at once.
+        """
+        graphs = self.decode_graphs
+        if graphs is not None:
+            batch = graphs.bucket(step)
+            if batch is not None:
+                return graphs.replay_in_background(step, batch)
+        logits = self.execute(step)
+        return lambda: logits
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, compile: bool = False) -> DecodeGraphs:
         """Capture the decode step in CUDA graphs for batches of up to ``max_num_seqs`` sequences of

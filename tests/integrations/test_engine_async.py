@@ -132,3 +132,16 @@ def test_abort_while_a_step_is_in_flight():
     assert set(done) == {"keep"}
     assert done["keep"].outputs[0].token_ids == reference_greedy(ps[0], 30)
     assert_no_leak(engine)
+
+
+def test_threaded_launch_path_gives_the_same_outputs():
+    """The engine's threaded-launch order (read the previous step while the forward is launched) on the fake
+    runner's execute_async (the worker thread itself needs CUDA graphs: tests/integrations/test_engine_gpu.py)."""
+    requests = _mixed_requests(n=16, seed=4)
+    results = {}
+    for threaded in (False, True):
+        engine = make_engine(num_gpu_blocks=64, block_size=4, eos_token_id=9, threaded_graph_launch=threaded)
+        results[threaded] = _tokens(run_all(engine, requests, check_every_step=True))
+        assert (getattr(engine.runner, "num_async_calls", 0) > 0) == threaded
+        assert_no_leak(engine)
+    assert results[True] == results[False]

@@ -78,6 +78,12 @@ class FakeRunner:
     #: fills in pending tokens (async scheduling), as ModelRunner does
     supports_pending_tokens = True
 
+    def execute_async(self, step):
+        """ModelRunner's interface: the step runs at once here; the logits come from the returned function."""
+        self.num_async_calls = getattr(self, "num_async_calls", 0) + 1
+        logits = self.execute(step)
+        return lambda: logits
+
     def execute(self, step) -> torch.Tensor:
         ids, pos, slots = step.resolved_input_ids(), step.positions, step.slot_mapping
         assert int(ids.min()) >= 0, "a pending token was not filled in"

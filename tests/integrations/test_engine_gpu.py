@@ -106,8 +106,9 @@ def test_compiled_decode_graphs_match_hf(case):
 
 
 def test_async_scheduling_on_cuda_matches_sync(case):
-    """Async scheduling (pending inputs filled inside the decode graphs) gives the synchronous engine's outputs:
-    greedy, seeded sampling and a stop token that ends requests early, with prefix sharing."""
+    """Async scheduling (pending inputs filled inside the decode graphs), also with the graphs launched from a
+    worker thread, gives the synchronous engine's outputs: greedy, seeded sampling and a stop token that ends
+    requests early, with prefix sharing."""
     path, ps, refs = case
     prompts = ps + [ps[3] + ps[1], ps[3] + ps[2]]  # shared prefixes
     params = [SamplingParams(temperature=0, max_tokens=40) if i % 3 == 0 else
@@ -115,12 +116,14 @@ def test_async_scheduling_on_cuda_matches_sync(case):
               SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[refs[0][5]])
               for i in range(len(prompts))]
     results = {}
-    for flag in (False, True):
-        llm = LLM(path, num_gpu_blocks=512, async_scheduling=flag)
+    for mode in ("sync", "async", "threaded"):
+        llm = LLM(path, num_gpu_blocks=512, async_scheduling=mode != "sync",
+                  threaded_graph_launch=mode == "threaded")
         assert llm.engine.decode_graphs is not None
         outs = llm.generate(prompts, params, use_tqdm=False)
-        results[flag] = [o.outputs[0].token_ids for o in outs]
+        results[mode] = [o.outputs[0].token_ids for o in outs]
         assert llm.engine.decode_graphs.num_replays > 0
+        assert (llm.engine.decode_graphs._worker is not None) == (mode == "threaded")
         _no_leak(llm)
-    assert results[True] == results[False]
-    assert results[True][0] == refs[0][:40]
+    assert results["async"] == results["sync"] == results["threaded"]
+    assert results["sync"][0] == refs[0][:40]
