@@ -278,7 +278,7 @@ class LLMEngine:
         results = []
         for g in launched.touched:
             if g.is_finished:
-                if g.request_id in self._groups:  # (not aborted meanwhile)
+                if self._groups.get(g.request_id) is g:  # not aborted meanwhile (its id may be reused)
                     self.scheduler.remove_finished(g)
                     results.append(self._finish_output(g))
             elif self.stream_outputs:

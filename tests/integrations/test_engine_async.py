@@ -145,3 +145,17 @@ def test_threaded_launch_path_gives_the_same_outputs():
         assert (getattr(engine.runner, "num_async_calls", 0) > 0) == threaded
         assert_no_leak(engine)
     assert results[True] == results[False]
+
+
+def test_abort_and_reuse_of_the_request_id_while_its_step_is_in_flight():
+    ps = prompts([10, 14], seed=12)
+    engine = make_engine(128, async_scheduling=True)
+    engine.add_request("x", ps[0], SamplingParams(temperature=0, max_tokens=30))
+    for _ in range(3):
+        engine.step()
+    assert engine._inflight is not None
+    assert engine.abort("x")
+    engine.add_request("x", ps[1], SamplingParams(temperature=0, max_tokens=6))
+    done = run_all(engine, [])
+    assert done["x"].outputs[0].token_ids == reference_greedy(ps[1], 6)
+    assert_no_leak(engine)
