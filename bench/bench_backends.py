@@ -30,8 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from bench import harness as hx  # noqa: E402
-from bench.bench_ops import FULL, TOL, fill_caches, make_case, max_diff, ours_fn, sdpa, sec_physical  # noqa: E402
-from bench.bench_prefill import PFULL, cu_of, prefill_fn  # noqa: E402
+from bench.bench_ops import FULL, TOL, copy_blocks_case, make_case, max_diff, ours_fn, sdpa, sec_physical  # noqa: E402
+from bench.bench_prefill import PFULL, cu_of, prefill_case, prefill_fn  # noqa: E402
 from bench.harness import TIMING, card_slug, fmt, rec, timeit  # noqa: E402
 from pagedattn.ops import (DEFAULT_LAYOUT, allocate_kv_cache, copy_blocks, get_backend, reshape_and_cache,  # noqa: E402
                            set_backend)
@@ -95,12 +95,7 @@ def sec_decode(r, sh, quick):
 def sec_prefill(r, sh):
     S, new, prefix = PFULL.prefill
     L, H, D = prefix + new, sh.heads, sh.head_size
-    q = torch.randn(S, H, new, D, dtype=sh.dtype, device=hx.DEV)
-    k = torch.randn(S, sh.kv_heads, L, D, dtype=sh.dtype, device=hx.DEV)
-    v = torch.randn_like(k)
-    kc, vc, bt = fill_caches(k, v, sh.block, DEFAULT_LAYOUT)
-    lens = torch.full((S,), L, dtype=torch.int32, device=hx.DEV)
-    qp = q.transpose(1, 2).reshape(S * new, H, D)
+    q, k, v, kc, vc, bt, lens, qp = prefill_case(sh, S, new, prefix)
     r["shape"] = {"seqs": S, "new_tokens": new, "prefix": prefix, "heads": H, "kv_heads": sh.kv_heads,
                   "head_size": D, "block_size": sh.block, "dtype": str(sh.dtype), "layout": DEFAULT_LAYOUT}
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -132,14 +127,8 @@ def sec_reshape(r, sh):
 
 
 def sec_copy_blocks(r, sh):
-    kcs, vcs = [], []
-    for _ in range(sh.cb_layers):
-        kc, vc = allocate_kv_cache(sh.cb_blocks, sh.block, sh.kv_heads, sh.head_size, sh.dtype, hx.DEV)
-        kcs.append(kc.normal_())
-        vcs.append(vc.normal_())
-    perm = torch.randperm(sh.cb_blocks, device=hx.DEV)
+    kcs, vcs, perm, mapping = copy_blocks_case(sh)
     P = sh.cb_pairs
-    mapping = torch.stack([perm[:P], perm[P:2 * P]], dim=1).contiguous()
     fn = lambda: copy_blocks(kcs, vcs, mapping)  # noqa: E731
     ok = {}
     for b in BACKENDS:  # each backend copies fresh data: destinations must then equal their sources

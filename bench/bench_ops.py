@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,6 +60,19 @@ DRY = SimpleNamespace(
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+def copy_blocks_case(sh):
+    """``sh.cb_layers`` random key and value caches of ``sh.cb_blocks`` blocks, a random block permutation and
+    the ``[sh.cb_pairs, 2]`` (src, dst) mapping taken from it: ``(key_caches, value_caches, perm, mapping)``."""
+    kcs, vcs = [], []
+    for _ in range(sh.cb_layers):
+        kc, vc = allocate_kv_cache(sh.cb_blocks, sh.block, sh.kv_heads, sh.head_size, sh.dtype, hx.DEV)
+        kcs.append(kc.normal_())
+        vcs.append(vc.normal_())
+    perm = torch.randperm(sh.cb_blocks, device=hx.DEV)
+    P = sh.cb_pairs
+    return kcs, vcs, perm, torch.stack([perm[:P], perm[P:2 * P]], dim=1).contiguous()
+
 
 def fill_caches(k, v, block_size, layout):
     """Paged caches holding contiguous ``k, v`` [S, kvh, L, D] in randomly permuted (scattered) blocks."""
@@ -128,7 +140,7 @@ def gather_naive(cache, bt, L):
 
 def gather_onepass(cache, bt, L):
     """One pass: an index_select of D-element rows; the row indices are computed in the call."""
-    S, (nb_, bs, kvh, D) = bt.shape[0], cache.shape
+    S, (_, bs, kvh, D) = bt.shape[0], cache.shape
     st = cache.stride()
     t = torch.arange(L, device=cache.device)
     base = bt.long()[:, t // bs] * st[0] + (t % bs) * st[1]  # [S, L]
@@ -279,14 +291,8 @@ def sec_reshape(r, sh):
 
 
 def sec_copy_blocks(r, sh):
-    kcs, vcs = [], []
-    for _ in range(sh.cb_layers):
-        kc, vc = allocate_kv_cache(sh.cb_blocks, sh.block, sh.kv_heads, sh.head_size, sh.dtype, hx.DEV)
-        kcs.append(kc.normal_())
-        vcs.append(vc.normal_())
-    perm = torch.randperm(sh.cb_blocks, device=hx.DEV)
+    kcs, vcs, perm, mapping = copy_blocks_case(sh)
     P = sh.cb_pairs
-    mapping = torch.stack([perm[:P], perm[P:2 * P]], dim=1).contiguous()
     before = vcs[-1][perm[:P]].clone()
     fn = lambda: copy_blocks(kcs, vcs, mapping)  # noqa: E731
     fn()

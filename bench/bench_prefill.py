@@ -129,16 +129,24 @@ def pick_sdpa(q, k, v, candidates):
 
 # --------------------------------------------------------------------------------------------- sections
 
-def sec_vs_sdpa(r, sh, shape):
-    """Ours on S sequences of `new` tokens over `prefix` cached ones, against SDPA on contiguous K/V."""
-    S, new, prefix = shape
+def prefill_case(sh, S, new, prefix):
+    """S sequences of ``new`` query tokens over ``prefix`` cached ones: dense ``q`` [S, H, new, D] and ``k, v``
+    [S, kvh, prefix + new, D], their paged caches and block tables, ``seq_lens`` and the packed (varlen)
+    queries [S * new, H, D]: ``(q, k, v, key_cache, value_cache, block_tables, seq_lens, packed_q)``."""
     L, H, D = prefix + new, sh.heads, sh.head_size
     q = torch.randn(S, H, new, D, dtype=sh.dtype, device=hx.DEV)
     k = torch.randn(S, sh.kv_heads, L, D, dtype=sh.dtype, device=hx.DEV)
     v = torch.randn_like(k)
     kc, vc, bt = fill_caches(k, v, sh.block, DEFAULT_LAYOUT)
     lens = torch.full((S,), L, dtype=torch.int32, device=hx.DEV)
-    qp = q.transpose(1, 2).reshape(S * new, H, D)  # packed varlen
+    return q, k, v, kc, vc, bt, lens, q.transpose(1, 2).reshape(S * new, H, D)
+
+
+def sec_vs_sdpa(r, sh, shape):
+    """Ours on S sequences of `new` tokens over `prefix` cached ones, against SDPA on contiguous K/V."""
+    S, new, prefix = shape
+    L, H, D = prefix + new, sh.heads, sh.head_size
+    q, k, v, kc, vc, bt, lens, qp = prefill_case(sh, S, new, prefix)
     pairs = visible_pairs([new] * S, [L] * S)
     r["shape"] = {"seqs": S, "new_tokens": new, "prefix": prefix, "seq_len": L, "heads": H, "kv_heads": sh.kv_heads,
                   "head_size": D, "block_size": sh.block, "dtype": str(sh.dtype), "layout": DEFAULT_LAYOUT,
