@@ -43,104 +43,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
 from bench import harness as hx  # noqa: E402  (hx.DEV is rebound by --dry-run)
-from bench.bench_ops import (DRY, FULL, TOL, _synced, fill_caches, make_case, max_diff, needs_cuda,  # noqa: E402
+from bench.bench_ops import (FULL, _synced, fill_caches, make_case, needs_cuda,  # noqa: E402
                              ours_fn, sdpa, sec_physical)
-from bench.harness import TIMING, card_slug, free, rec, sync, timeit  # noqa: E402
-from pagedattn.ops import DEFAULT_LAYOUT, get_backend, paged_prefill_attention, set_backend  # noqa: E402
-
-
-PFULL = SimpleNamespace(**{**vars(FULL), "prefill": (8, 2048, 0), "prefix": (8, 512, 1536),
-                           "mixed": (4, 512, 1024, 60, 2048), "decode_main": (FULL.seqs, FULL.seq_len)})
-PDRY = SimpleNamespace(**{**vars(DRY), "prefill": (2, 64, 0), "prefix": (2, 16, 48),
-                          "mixed": (2, 16, 16, 3, 64), "decode_main": (2, 64)})
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-def ref_attention(q, k, v):
-    """float32 attention of one sequence, bottom-right causal: q [H, n, D], k/v [kvh, L, D] -> [H, n, D]."""
-    H, n, D = q.shape
-    kvh, L, _ = k.shape
-    qg = q.float().reshape(kvh, H // kvh * n, D)
-    s = (qg @ k.float().transpose(-1, -2) * D ** -0.5).view(kvh, H // kvh, n, L)
-    s.masked_fill_(~torch.ones(n, L, dtype=torch.bool, device=q.device).tril(L - n), float("-inf"))
-    return (s.softmax(-1).view(kvh, -1, L) @ v.float()).reshape(H, n, D)
-
-
-def tol_of(ref) -> float:
-    """bf16 tolerance relative to the output's magnitude."""
-    return TOL * max(1.0, ref.float().abs().max().item())
-
-
-def check(out, ref) -> dict:
-    d, t = max_diff(out, ref), tol_of(ref)
-    return {"max_abs_diff": d, "tol": t, "ok": bool(d <= t)}  # NaN compares False
-
-
-def timed(fn, sh):
-    """bench_ops.timeit; when a CUDA graph cannot be captured, eager timing (recorded as such)."""
-    try:
-        return timeit(fn, sh), TIMING["mode"] if hx.DEV.type == "cuda" else "cpu wall clock"
-    except Exception as e:  # noqa: BLE001
-        if hx.DEV.type != "cuda" or TIMING["mode"] != "graph":
-            raise
-        saved, TIMING["mode"] = TIMING["mode"], "eager"
-        try:
-            return timeit(fn, sh), f"eager (graph capture failed: {type(e).__name__}: {str(e)[:150]})"
-        finally:
-            TIMING["mode"] = saved
-
-
-def visible_pairs(q_lens, seq_lens) -> int:
-    """(query, key) pairs under bottom-right causal masking, summed over sequences."""
-    return sum(n * (L - n) + n * (n + 1) // 2 for n, L in zip(q_lens, seq_lens))
-
-
-def tflops(pairs, ms, sh) -> float:
-    return 4 * sh.heads * sh.head_size * pairs / (ms * 1e-3) / 1e12
-
-
-def prefill_fn(q, kc, vc, bt, lens, cu, max_q):
-    out = torch.empty_like(q)
-    return lambda: paged_prefill_attention(q, kc, vc, bt, lens, cu, max_query_len=max_q, out=out)
-
-
-def cu_of(q_lens):
-    return torch.tensor([0] + q_lens, dtype=torch.int32, device=hx.DEV).cumsum(0, dtype=torch.int32)
-
-
-def pick_sdpa(q, k, v, candidates):
-    """First SDPA candidate that runs and matches the float32 reference on sequence 0: (name, fn, ctx, out)."""
-    ref0 = ref_attention(q[0], k[0], v[0])
-    tried = {}
-    for name, ctx, fn in candidates:
-        try:
-            with ctx():
-                out = fn()
-            sync()
-            c = check(out[0], ref0)
-            if c["ok"]:
-                return name, fn, ctx, out, tried
-            tried[name] = f"wrong result: {c}"
-        except Exception as e:  # noqa: BLE001
-            tried[name] = f"refused: {type(e).__name__}: {str(e)[:200]}"
-    raise RuntimeError(f"no SDPA backend gave a correct result: {tried}")
+from bench.harness import TIMING, card_slug, fmt, rec  # noqa: E402
+from bench.prefill_common import (PDRY, PFULL, check, cu_of, pick_sdpa, prefill_case, prefill_fn,  # noqa: E402
+                                  ref_attention, tflops, timed, visible_pairs)
+from bench.prefill_sweep import PREFILL_VARIANTS, SWEEP, parse_variants, tuning_sweep  # noqa: E402
+from pagedattn.ops import DEFAULT_LAYOUT, get_backend, set_backend  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- sections
-
-def prefill_case(sh, S, new, prefix):
-    """S sequences of ``new`` query tokens over ``prefix`` cached ones: dense ``q`` [S, H, new, D] and ``k, v``
-    [S, kvh, prefix + new, D], their paged caches and block tables, ``seq_lens`` and the packed (varlen)
-    queries [S * new, H, D]: ``(q, k, v, key_cache, value_cache, block_tables, seq_lens, packed_q)``."""
-    L, H, D = prefix + new, sh.heads, sh.head_size
-    q = torch.randn(S, H, new, D, dtype=sh.dtype, device=hx.DEV)
-    k = torch.randn(S, sh.kv_heads, L, D, dtype=sh.dtype, device=hx.DEV)
-    v = torch.randn_like(k)
-    kc, vc, bt = fill_caches(k, v, sh.block, DEFAULT_LAYOUT)
-    lens = torch.full((S,), L, dtype=torch.int32, device=hx.DEV)
-    return q, k, v, kc, vc, bt, lens, q.transpose(1, 2).reshape(S * new, H, D)
-
 
 def sec_vs_sdpa(r, sh, shape):
     """Ours on S sequences of `new` tokens over `prefix` cached ones, against SDPA on contiguous K/V."""
@@ -181,95 +93,6 @@ def sec_vs_sdpa(r, sh, shape):
 
 # The prefill kernel's variants (launchers.PREFILL_TUNING overrides of the current defaults, v2), each validated
 # against SDPA and timed against the defaults re-timed in the same sweep. Predictions: bench/NOTES.md, "Prefill v2".
-V1 = {"softmax": "base", "offdiag": "masked", "order": "forward", "tile_n": 64, "num_stages": 3, "maxnreg": 0}
-PREFILL_VARIANTS = {
-    "default": {},
-    "v1": V1,                                                  # the first version's choices
-    "tile64_stages5": {"tile_n": 64, "num_stages": 5, "maxnreg": 0},
-    "stages7": {"num_stages": 7},
-    "no_maxnreg": {"maxnreg": 0},
-    "fold_q": {"softmax": "fold_q"},
-    "masked": {"offdiag": "masked"},
-    "forward": {"order": "forward"},
-    "heads_inner": {"order": "reverse_heads_inner"},
-    "block": {"kv_addr": "block"},
-    "diag1": {"diag_stages": 1},
-    "bm64": {"block_m": 64},                                   # 4 warps, 3 programs / SM
-    "bm256_stages5": {"block_m": 256, "num_warps": 16, "tile_n": 64, "maxnreg": 0},  # 16 warps, 1 / SM
-}
-
-#: set by main(): which variants the SDPA sections sweep (none: no sweep), whether a CPU run sweeps too, and
-#: the time after which variants not yet compiled are skipped (the sweep must fit one device call)
-SWEEP = {"variants": [], "on_cpu": False, "deadline": float("inf"), "done": set()}
-
-
-def kernel_stats() -> dict:
-    """Registers, spills and shared memory of the last prefill kernel launched on CUDA."""
-    from pagedattn.ops import launchers
-
-    k = launchers.LAST_PREFILL_KERNEL[0]
-    if k is None:
-        return {}
-    try:
-        return {"regs": k.n_regs, "spills": k.n_spills, "smem": k.metadata.shared}
-    except Exception as e:  # noqa: BLE001
-        return {"stats_error": f"{type(e).__name__}: {e}"}
-
-
-def tuning_sweep(qp, kc, vc, bt, lens, cu, new, ref, S, H, D, pairs, sh, sdpa_ms) -> dict:
-    """PREFILL_VARIANTS (those chosen in SWEEP), each validated against SDPA (max abs diff) before it is timed."""
-    from pagedattn.ops import launchers
-
-    rows = {}
-    sweep_sh = SimpleNamespace(**{**vars(sh), "rep": max(1, sh.rep // 4)})  # 25 ms graphs: the sweep stays short
-    for name in SWEEP["variants"]:
-        variant = PREFILL_VARIANTS[name]
-        if name not in SWEEP["done"] and time.perf_counter() > SWEEP["deadline"]:
-            rows[name] = {"tuning": variant, "error": "skipped: --sweep-budget spent"}
-            continue
-        SWEEP["done"].add(name)
-        saved = dict(launchers.PREFILL_TUNING)
-        launchers.LAST_PREFILL_KERNEL[0] = None
-        t0 = time.perf_counter()
-        try:
-            launchers.PREFILL_TUNING.update(variant)
-            fn = prefill_fn(qp, kc, vc, bt, lens, cu, new)
-            valid = check(fn().view(S, new, H, D).transpose(1, 2), ref)
-            row = {"tuning": variant, "ok": valid["ok"], "max_abs_diff": valid["max_abs_diff"], **kernel_stats()}
-            if valid["ok"]:
-                ms, _ = timed(fn, sweep_sh)
-                row.update(ms=ms, vs_sdpa=ms / sdpa_ms, TFLOPs=tflops(pairs, ms, sh))
-            else:
-                row["FAILED"] = f"differs from SDPA by {valid['max_abs_diff']:.3g} > {valid['tol']:.3g}: not timed"
-        except Exception as e:  # noqa: BLE001
-            row = {"tuning": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        finally:
-            launchers.PREFILL_TUNING.clear()
-            launchers.PREFILL_TUNING.update(saved)
-            free()
-        row["seconds"] = time.perf_counter() - t0
-        rows[name] = row
-    base = rows.get("default", {}).get("ms")
-    for row in rows.values():
-        if base and "ms" in row:
-            row["vs_default"] = row["ms"] / base
-    print_sweep(rows)
-    return rows
-
-
-def print_sweep(rows):
-    print(f"  {'variant':<30}{'ms':>8}{'/sdpa':>7}{'/dflt':>7}{'TF':>6}{'regs':>6}{'spill':>6}{'smem':>8}"
-          f"{'maxdiff':>9}{'s':>6}")
-    for name, x in sorted(rows.items(), key=lambda kv: kv[1].get("ms", float("inf"))):
-        if "error" in x or "ms" not in x:
-            why = x.get("error") or x.get("FAILED")
-            print(f"  {name:<30}  {why[:150]}")
-            continue
-        print(f"  {name:<30}{x['ms']:>8.3f}{x['vs_sdpa']:>7.2f}{fmt(x.get('vs_default'), '.3f'):>7}"
-              f"{x['TFLOPs']:>6.0f}{fmt(x.get('regs'), 'd'):>6}{fmt(x.get('spills'), 'd'):>6}"
-              f"{fmt(x.get('smem'), 'd'):>8}{x['max_abs_diff']:>9.2e}{x['seconds']:>6.1f}", flush=True)
-
-
 def sec_mixed(r, sh):
     """P sequences prefilling `new` tokens over `prefix` + Dn decoding one token over `ctx`, in one call;
     then the decode rows alone through the decode op and through the prefill op with q_len 1."""
@@ -340,10 +163,6 @@ def figures(res) -> dict:
     return out
 
 
-def fmt(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
-
-
 def print_table(res, figs):
     p = res.get("physical", {})
     mm = p.get("matmul_bf16", {}).get("TFLOPs")
@@ -371,16 +190,6 @@ def print_table(res, figs):
             print(f"{name:<18}: decode op {fmt(d['ms'])} ms ({fmt(d['copy_bw_fraction'], '.2f')} bw), prefill q1 "
                   f"{fmt(p1['ms'])} ms, ratio {fmt(x['prefill_q1_vs_decode'], '.2f')}{ok}")
     hx.print_failures_and_figures(res, figs)
-
-
-def parse_variants(text):
-    if text in (None, "", "all"):
-        return list(PREFILL_VARIANTS)
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [x for x in names if x not in PREFILL_VARIANTS]
-    if unknown:
-        sys.exit(f"unknown variants {unknown}; known: {', '.join(PREFILL_VARIANTS)}")
-    return (["default"] if "default" not in names else []) + names  # the baseline is always re-timed
 
 
 def main(argv=None):
