@@ -30,7 +30,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from bench import harness as hx  # noqa: E402
-from bench.bench_ops import FULL, TOL, copy_blocks_case, make_case, max_diff, ours_fn, sdpa, sec_physical  # noqa: E402
+from bench.bench_ops import sec_physical  # noqa: E402
+from bench.ops_common import FULL, TOL, copy_blocks_case, make_case, max_diff, ours_fn, sdpa  # noqa: E402
 from bench.prefill_common import PFULL, cu_of, prefill_case, prefill_fn  # noqa: E402
 from bench.harness import TIMING, card_slug, fmt, rec, timeit  # noqa: E402
 from pagedattn.ops import (DEFAULT_LAYOUT, allocate_kv_cache, copy_blocks, get_backend, reshape_and_cache,  # noqa: E402

@@ -43,8 +43,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
 from bench import harness as hx  # noqa: E402  (hx.DEV is rebound by --dry-run)
-from bench.bench_ops import (FULL, _synced, fill_caches, make_case, needs_cuda,  # noqa: E402
-                             ours_fn, sdpa, sec_physical)
+from bench.bench_ops import _synced, needs_cuda, sec_physical  # noqa: E402
+from bench.ops_common import FULL, fill_caches, make_case, ours_fn, sdpa  # noqa: E402
 from bench.harness import TIMING, card_slug, fmt, rec  # noqa: E402
 from bench.prefill_common import (PDRY, PFULL, check, cu_of, pick_sdpa, prefill_case, prefill_fn,  # noqa: E402
                                   ref_attention, tflops, timed, visible_pairs)

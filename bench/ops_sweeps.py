@@ -15,13 +15,11 @@ scheme of torch's own ``torch.nn.attention.experimental._paged_attention.PagedAt
 
 ``sec_batch_ctx_sweep``: our decode and SDPA on contiguous K/V over batch x context length.
 
-The helpers (``make_case``, ``time_sdpa``, ...) live in ``bench/bench_ops.py``; ``_ops()`` finds that
-module whether it runs as a script (``__main__``) or was imported.
+The helpers (``make_case``, ``time_sdpa``, ...) live in ``bench/ops_common.py``.
 """
 from __future__ import annotations
 
 import inspect
-import sys
 import time
 import traceback
 import warnings
@@ -29,17 +27,9 @@ import warnings
 import torch
 
 from bench import harness as hx
+from bench import ops_common as ops
 from bench.harness import TIMING, free, rec, sync, timeit
 from pagedattn.ops import DEFAULT_LAYOUT
-
-
-def _ops():
-    """The bench_ops module already loaded (``__main__`` when run as a script), else an import of it."""
-    main = sys.modules.get("__main__")
-    if main is not None and str(getattr(main, "__file__", "")).endswith("bench_ops.py"):
-        return main
-    from bench import bench_ops
-    return bench_ops
 
 
 # --------------------------------------------------------------------------------------------- flex paged
@@ -112,7 +102,6 @@ def sec_flex_paged(r, sh, quick=False):
     flex's preferred 128 unless ``quick``), both vs SDPA on contiguous K/V. Flex is compiled with
     ``torch.compile`` on CUDA (its fused kernel; the eager path materializes every score) and run eagerly
     on the CPU (``--dry-run``). A page size flex cannot run records ``{"unavailable": reason}``."""
-    ops = _ops()
     S, L = sh.seqs, sh.seq_len
     r["shape"] = {"seqs": S, "seq_len": L, "heads": sh.heads, "kv_heads": sh.kv_heads, "head_size": sh.head_size,
                   "dtype": str(sh.dtype), "block_size": sh.block}
@@ -184,7 +173,6 @@ def sweep_grid(sh, quick=False):
 def sec_batch_ctx_sweep(r, sh, quick=False):
     """Our decode vs SDPA on contiguous K/V for every batch x context length (the main shape's heads,
     head size, dtype and block size); combinations over ``sh.sweep_max_kv_bytes`` of K/V are skipped."""
-    ops = _ops()
     batches, ctxs = sweep_grid(sh, quick)
     r["grid"] = {"batches": batches, "seq_lens": ctxs, "max_kv_bytes": sh.sweep_max_kv_bytes,
                  "heads": sh.heads, "kv_heads": sh.kv_heads, "head_size": sh.head_size, "dtype": str(sh.dtype),

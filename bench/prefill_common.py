@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from bench import harness as hx
-from bench.bench_ops import DRY, FULL, TOL, fill_caches, max_diff
+from bench.ops_common import DRY, FULL, TOL, fill_caches, max_diff
 from bench.harness import TIMING, sync, timeit
 from pagedattn.ops import DEFAULT_LAYOUT, paged_prefill_attention
 
