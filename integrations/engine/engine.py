@@ -132,7 +132,9 @@ class LLMEngine:
         if out.is_empty and inflight is not None:
             results += self._complete(inflight, None)
             inflight = None
+            ignored = out.ignored  # (requests the first call finished with an error)
             out = self.scheduler.schedule()
+            out.ignored[:0] = ignored
         results += [self._finish_output(g) for g in out.ignored]
         if out.is_empty:
             stuck = self._unstick(out) if inflight is None else None
@@ -221,7 +223,7 @@ class LLMEngine:
                 if not last:
                     seq.num_pending += 1
         return LaunchedStep(out, sample, targets, counted, beams, list(touched.values()),
-                         logits if beams else None, pending, overlappable, time.perf_counter())
+                            logits if beams else None, pending, overlappable, time.perf_counter())
 
     def _complete(self, launched: LaunchedStep, next_pending: list[tuple[Sequence, int]] | None
                   ) -> list[RequestOutput]:

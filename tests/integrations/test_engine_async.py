@@ -159,3 +159,19 @@ def test_abort_and_reuse_of_the_request_id_while_its_step_is_in_flight():
     done = run_all(engine, [])
     assert done["x"].outputs[0].token_ids == reference_greedy(ps[1], 6)
     assert_no_leak(engine)
+
+
+def test_a_request_that_never_fits_gets_its_error_while_a_step_is_in_flight():
+    """The scheduling call made while a step is in flight may finish a request with an error and
+    still schedule nothing; the engine then reads the step and schedules again: the error is kept."""
+    ps = prompts([6], seed=13)
+    engine = make_engine(8, block_size=4, async_scheduling=True)
+    engine.add_request("ok", ps[0], SamplingParams(temperature=0, max_tokens=1))
+    engine.step()  # the prompt; its only token in flight, so "ok" is not scheduled again
+    assert engine._inflight is not None
+    engine.add_request("huge", list(range(40)), SamplingParams(temperature=0, max_tokens=2))
+    done = run_all(engine, [])
+    assert set(done) == {"ok", "huge"}
+    assert done["huge"].error is not None and "KV-cache blocks" in done["huge"].error
+    assert done["ok"].outputs[0].token_ids == reference_greedy(ps[0], 1)
+    assert_no_leak(engine)
