@@ -136,12 +136,10 @@ class LLMEngine:
             out = self.scheduler.schedule()
             out.ignored[:0] = ignored
         results += [self._finish_output(g) for g in out.ignored]
-        if out.is_empty:
-            stuck = self._unstick(out) if inflight is None else None
+        if out.is_empty:  # (nothing is in flight here: an in-flight step was read above)
+            stuck = self._unstick(out)
             if stuck is not None:
                 results.append(stuck)
-            if inflight is not None:
-                results += self._complete(inflight, None)
             self.metrics.record_step(out, 0, 0.0)
             return results
         runner = self.runner
