@@ -215,10 +215,19 @@ class Scheduler(AdmissionMixin):
             was admitted; None when nothing was done.
         """
         groups, ids, rest = [], [], []
+        live = self.mgr.__contains__
         for g in self.running:
-            if self._decode_ready(g):
+            seqs = g.seqs
+            if len(seqs) == 1:  # the common case, inlined: one sequence with one token to compute
+                s = seqs[0]
+                if len(s.token_ids) + s.num_pending - s.num_computed_tokens == 1 and live(s.seq_id):
+                    groups.append(g)
+                    ids.append(s.seq_id)
+                    continue
+                rest.append(g)
+            elif self._decode_ready(g):
                 groups.append(g)
-                ids.extend(s.seq_id for s in g.seqs)
+                ids.extend([s.seq_id for s in seqs])
             else:
                 rest.append(g)
         if not ids or len(ids) > self._budget or len(ids) > self._seqs_left:
