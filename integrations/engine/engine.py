@@ -178,10 +178,14 @@ class LLMEngine:
         params: list[SamplingParams] = []
         gens: list[torch.Generator | None] = []
         targets: list[tuple[SequenceGroup, Sequence]] = []
+        last_flags: list[bool] = []  # per sample: its token is the sequence's last by length
         beams: dict[int, tuple[SequenceGroup, list[int]]] = {}
         touched: dict[int, SequenceGroup] = {}
         overlappable = self._can_overlap
+        max_len = self.max_model_len if self.max_model_len is not None else float("inf")
         now = time.monotonic()
+        add_row, add_params, add_gen, add_target, add_last = (rows.append, params.append, gens.append,
+                                                              targets.append, last_flags.append)
         for i, x in enumerate(out.seqs):
             g, seq = x.group, x.seq
             if g.first_scheduled_time is None:
@@ -194,31 +198,31 @@ class LLMEngine:
                 beams.setdefault(id(g), (g, []))[1].append(i)
                 overlappable = False
                 continue
+            p = g.params
             if g.forked and (g.generator is None or len(g.seqs) == 1):
-                rows.append(i)
-                params.append(g.params)
-                gens.append(g.generator)
-                targets.append((g, seq))
+                add_row(i)
+                add_params(p)
+                add_gen(g.generator)
+                add_target((g, seq))
+                # after this token the sequence holds computed + 1 tokens
+                add_last(computed + 1 - seq.prompt_len >= p.max_tokens or computed + 1 >= max_len)
                 continue
             # Host work first: the samples fork the prompt's sequence; or seeded samples share
             # their request's generator, which a sibling's row after its stop would advance.
             overlappable = False
-            for _ in range(1 if g.forked else g.params.num_seqs):
-                rows.append(i)
-                params.append(g.params)
-                gens.append(g.generator)
-                targets.append((g, seq))
+            for _ in range(1 if g.forked else p.num_seqs):
+                add_row(i)
+                add_params(p)
+                add_gen(g.generator)
+                add_target((g, seq))
         sample = self.sampler.launch(logits, params, gens, rows) if rows else None
         counted: list[bool] = []
         if overlappable:
             # The next step may run these sequences before their tokens are read: count each
             # token as pending unless it is the sequence's last by length (then it is not run).
-            max_len = self.max_model_len
-            for g, seq in targets:
-                n = len(seq.token_ids) + seq.num_pending + 1
-                last = n - seq.prompt_len >= g.params.max_tokens or (max_len is not None and n >= max_len)
-                counted.append(not last)
-                if not last:
+            counted = [not last for last in last_flags]
+            for (_, seq), c in zip(targets, counted):
+                if c:
                     seq.num_pending += 1
         return LaunchedStep(out, sample, targets, counted, beams, list(touched.values()),
                             logits if beams else None, pending, overlappable, time.perf_counter())
