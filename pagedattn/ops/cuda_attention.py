@@ -183,11 +183,6 @@ def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return
-    if max_query_len == 1 and num_tokens == num_seqs:
-        # one query per sequence: the decode kernel (splits long contexts when few sequences run)
-        paged_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, softcap,
-                     alibi_slopes, lse, 0, 0)
-        return
     group_size = num_heads // num_kv_heads
     rows, num_subgroups = group_rows(group_size)
     hint = max_query_len if max_query_len > 0 else num_tokens

@@ -239,12 +239,6 @@ def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return
-    if max_query_len == 1 and num_tokens == num_seqs:
-        # one query per sequence: the decode kernel (splits long contexts over programs when few
-        # sequences run; the prefill kernel's q1 tiles measured 1.22x its time on an H100)
-        paged_decode(out, query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, softcap,
-                     alibi_slopes, lse, 0, 0)
-        return
     group_size = num_heads // num_kv_heads
     hint = max_query_len if max_query_len > 0 else num_tokens
     group_p, block_q, tile_n, num_warps, num_stages, maxnreg = prefill_tiles(
