@@ -31,7 +31,7 @@ import triton  # noqa: E402
 
 from bench import harness as hx  # noqa: E402
 from bench.bench_ops import sec_physical  # noqa: E402
-from bench.ops_common import FULL, TOL, copy_blocks_case, make_case, max_diff, ours_fn, sdpa  # noqa: E402
+from bench.ops_common import FULL, TOL, copy_blocks_case, make_case, max_diff, ours_fn, reshape_case, sdpa  # noqa: E402
 from bench.prefill_common import PFULL, cu_of, prefill_case, prefill_fn  # noqa: E402
 from bench.harness import TIMING, card_slug, fmt, rec, timeit  # noqa: E402
 from pagedattn.ops import (DEFAULT_LAYOUT, allocate_kv_cache, copy_blocks, get_backend, reshape_and_cache,  # noqa: E402
@@ -107,10 +107,7 @@ def sec_prefill(r, sh):
 
 def sec_reshape(r, sh):
     T, kvh, D = sh.rc_tokens, sh.kv_heads, sh.head_size
-    key, value = (torch.randn(T, kvh, D, dtype=sh.dtype, device=hx.DEV) for _ in range(2))
-    num_blocks = triton.cdiv(4 * T, sh.block)
-    slots = torch.randperm(num_blocks * sh.block, device=hx.DEV)[:T]
-    nbytes = 4 * key.numel() * key.element_size() + slots.numel() * slots.element_size()
+    key, value, num_blocks, slots, nbytes = reshape_case(sh)
     caches = {b: allocate_kv_cache(num_blocks, sh.block, kvh, D, sh.dtype, hx.DEV) for b in BACKENDS}
     fns = {b: (lambda kc=caches[b][0], vc=caches[b][1]: reshape_and_cache(key, value, kc, vc, slots)) for b in BACKENDS}
     for b in BACKENDS:

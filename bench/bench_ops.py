@@ -36,7 +36,7 @@ import triton  # noqa: E402
 
 from bench import harness as hx  # noqa: E402
 from bench.harness import TIMING, card_slug, fmt, free, print_failures_and_figures, rec, run_sections, timeit  # noqa: E402
-from bench.ops_common import (DRY, FULL, TOL, copy_blocks_case, decode_variant, sdpa_ctx,  # noqa: E402
+from bench.ops_common import (DRY, FULL, TOL, copy_blocks_case, decode_variant, reshape_case, sdpa_ctx,  # noqa: E402
                               fill_caches, gather_naive, gather_onepass, make_case, max_diff, ours_fn, sdpa,
                               time_sdpa)
 from bench.ops_sweeps import sec_batch_ctx_sweep, sec_flex_paged  # noqa: E402
@@ -143,10 +143,7 @@ def sec_long(r, sh):
 
 def sec_reshape(r, sh):
     T, kvh, D = sh.rc_tokens, sh.kv_heads, sh.head_size
-    key, value = (torch.randn(T, kvh, D, dtype=sh.dtype, device=hx.DEV) for _ in range(2))
-    num_blocks = triton.cdiv(4 * T, sh.block)
-    slots = torch.randperm(num_blocks * sh.block, device=hx.DEV)[:T]
-    nbytes = 4 * key.numel() * key.element_size() + slots.numel() * slots.element_size()
+    key, value, num_blocks, slots, nbytes = reshape_case(sh)
     for layout in ("HND", "NHD"):
         kc, vc = allocate_kv_cache(num_blocks, sh.block, kvh, D, sh.dtype, hx.DEV, layout=layout)
         fn = lambda: reshape_and_cache(key, value, kc, vc, slots)  # noqa: E731

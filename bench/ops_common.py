@@ -46,6 +46,17 @@ def copy_blocks_case(sh):
     return kcs, vcs, perm, torch.stack([perm[:P], perm[P:2 * P]], dim=1).contiguous()
 
 
+def reshape_case(sh):
+    """``sh.rc_tokens`` random keys and values [T, kv_heads, head_size], a pool of 4x as many slots, T distinct
+    random slots and the bytes the op moves: ``(key, value, num_blocks, slot_mapping, nbytes)``."""
+    T = sh.rc_tokens
+    key, value = (torch.randn(T, sh.kv_heads, sh.head_size, dtype=sh.dtype, device=hx.DEV) for _ in range(2))
+    num_blocks = triton.cdiv(4 * T, sh.block)
+    slots = torch.randperm(num_blocks * sh.block, device=hx.DEV)[:T]
+    nbytes = 4 * key.numel() * key.element_size() + slots.numel() * slots.element_size()
+    return key, value, num_blocks, slots, nbytes
+
+
 def fill_caches(k, v, block_size, layout):
     """Paged caches holding contiguous ``k, v`` [S, kvh, L, D] in randomly permuted (scattered) blocks."""
     S, kvh, L, D = k.shape
