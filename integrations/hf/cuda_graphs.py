@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from .context import PagedForwardContext, forward_context
-from .step import StepInput
+from .step import StepInput, fill_pending
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -138,8 +138,7 @@ class DecodeGraphs:
             kv_caches=self.kv_caches)
 
     def _run(self, batch: int) -> None:
-        src = self.pending_src[:batch]
-        ids = torch.where(src >= 0, self.prev_ids[src.clamp(min=0)], self.input_ids[:batch])
+        ids = fill_pending(self.input_ids[:batch], self.pending_src[:batch], self.prev_ids)
         with forward_context(self._context(batch)):
             out = self.forward(ids[None], self.positions[None, :batch])
         self.logits[:batch].copy_(out)
@@ -237,11 +236,9 @@ class DecodeGraphs:
             host[1, :s] = step.positions
             host[2, :s] = step.slot_mapping
             host[2, s:batch] = -1
-            if step.pending_src is None:
-                host[3, :batch] = -1
-            else:
+            host[3, :batch] = -1  # no pending token, but where the step names them
+            if step.pending_src is not None:
                 host[3, :s] = step.pending_src
-                host[3, s:batch] = -1
             self._host_seq_lens[:s] = step.seq_lens
             self._host_seq_lens[s:batch] = 1
             self._host_block_tables[:s, :width] = step.block_tables
@@ -254,11 +251,9 @@ class DecodeGraphs:
             self.input_ids[:s].copy_(step.input_ids)
             self.positions[:s].copy_(step.positions)
             self.slot_mapping[:s].copy_(step.slot_mapping)
-            if step.pending_src is None:
-                self.pending_src[:batch].fill_(-1)
-            else:
+            self.pending_src[:batch].fill_(-1)
+            if step.pending_src is not None:
                 self.pending_src[:s].copy_(step.pending_src)
-                self.pending_src[s:batch].fill_(-1)
             self.block_tables[:s, :width].copy_(step.block_tables)
             self.seq_lens[:s].copy_(step.seq_lens)
             if batch > s:

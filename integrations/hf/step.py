@@ -9,6 +9,12 @@ from typing import Optional, Sequence, Union
 import torch
 
 
+def fill_pending(input_ids: torch.Tensor, pending_src: torch.Tensor, prev_token_ids: torch.Tensor) -> torch.Tensor:
+    """``input_ids`` with ``prev_token_ids[pending_src]`` where ``pending_src >= 0`` (all [T] int64 but
+    ``prev_token_ids`` [R]; device ops only, so the decode CUDA graphs capture it too)."""
+    return torch.where(pending_src >= 0, prev_token_ids[pending_src.clamp(min=0)], input_ids)
+
+
 @dataclass
 class StepInput:
     """The input of :meth:`ModelRunner.execute` for ``S`` sequences with ``T`` new tokens in all.
@@ -53,8 +59,7 @@ class StepInput:
         """``input_ids`` with the pending tokens filled in from ``prev_token_ids`` (on their device)."""
         if self.pending_src is None:
             return self.input_ids
-        src = self.pending_src
-        return torch.where(src >= 0, self.prev_token_ids[src.clamp(min=0)], self.input_ids)
+        return fill_pending(self.input_ids, self.pending_src, self.prev_token_ids)
 
     @property
     def num_tokens(self) -> int:
