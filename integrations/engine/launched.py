@@ -64,34 +64,26 @@ def build_step_input(out: SchedulerOutput, block_manager: BlockManager, prev: La
     src: list[int] = []
     if out.num_prefill_tokens == 0:
         meta = block_manager.build_metadata(ids)
-        tokens = []
-        for x in seqs:
-            seq = x.seq
-            if seq.num_pending:
-                # A pending token is the sequence's last; it is always a decode row's input.
-                if not src:
-                    src = [-1] * len(seqs)
-                src[len(tokens)] = prev.sample_row(seq)
-                pending.append((seq, src[len(tokens)]))
-                tokens.append(0)
-            else:
-                tokens.append(seq.token_ids[x.num_computed])
-        max_q = 1
+        max_q, num_tokens = 1, len(seqs)
     else:
         new = np.fromiter((x.num_new_tokens for x in seqs), np.int64, len(seqs))
         meta = block_manager.build_metadata(ids, new)
-        tokens = []
-        for x in seqs:
-            seq = x.seq
-            if seq.num_pending:  # a decode row (one new token): its token is pending
-                if not src:
-                    src = [-1] * int(new.sum())
-                src[len(tokens)] = prev.sample_row(seq)
-                pending.append((seq, src[len(tokens)]))
-                tokens.append(0)
-            else:
-                tokens.extend(seq.token_ids[x.num_computed:x.num_computed + x.num_new_tokens])
-        max_q = int(new.max())
+        max_q, num_tokens = int(new.max()), int(new.sum())
+    tokens: list[int] = []
+    for x in seqs:
+        seq = x.seq
+        if seq.num_pending:
+            # A pending token is the sequence's last, so always a decode row's one new token.
+            if not src:
+                src = [-1] * num_tokens
+            row = prev.sample_row(seq)
+            src[len(tokens)] = row
+            pending.append((seq, row))
+            tokens.append(0)
+        elif x.num_new_tokens == 1:
+            tokens.append(seq.token_ids[x.num_computed])
+        else:
+            tokens.extend(seq.token_ids[x.num_computed:x.num_computed + x.num_new_tokens])
     # Host tensors (no copies of the numpy arrays): the runner uploads them, a decode step
     # through its CUDA graphs' pinned buffers.
     qsl = torch.from_numpy(meta.query_start_loc)
