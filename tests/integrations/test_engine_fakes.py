@@ -55,7 +55,7 @@ class FakeRunner:
         self.cache = torch.full((num_gpu_blocks * block_size, 2), -1, dtype=torch.int64)
         self.cpu_cache = torch.full((num_cpu_blocks * block_size, 2), -1, dtype=torch.int64)
         self.steps: list[tuple[int, int]] = []  # (num_seqs, num_tokens) per step
-        self.num_copied = self.num_swapped_out = self.num_swapped_in = 0
+        self.num_copied = self.num_swapped_out = self.num_swapped_in = self.num_async_calls = 0
 
     def _block(self, cache: torch.Tensor, b: int) -> torch.Tensor:
         return cache[b * self.block_size:(b + 1) * self.block_size]
@@ -80,7 +80,7 @@ class FakeRunner:
 
     def execute_async(self, step):
         """ModelRunner's interface: the step runs at once here; the logits come from the returned function."""
-        self.num_async_calls = getattr(self, "num_async_calls", 0) + 1
+        self.num_async_calls += 1
         logits = self.execute(step)
         return lambda: logits
 
