@@ -170,8 +170,3 @@ def resolve_backend(device: torch.device) -> str:
         logger.warning("pagedattn: %s on %s; the ops run on the CUDA backend (CuPy kernels) there instead",
                        triton_reason, device)
     return "cuda"
-
-
-def use_triton(device) -> bool:
-    """Whether an op on ``device`` runs its Triton kernel."""
-    return resolve_backend(device) == "triton"
