@@ -1,5 +1,5 @@
 """The CUDA backend's cache ops: ``reshape_and_cache`` and ``copy_blocks`` as CuPy RawKernels
-(``cuda_src/cache.cu``), and ``swap_blocks``.
+(``cuda_src/cache.cu``).
 
 Same signatures and semantics as :func:`pagedattn.ops.launchers.reshape_and_cache` and
 :func:`pagedattn.ops.launchers.copy_blocks` (the caller, :mod:`pagedattn.ops.registry`, has checked
@@ -8,10 +8,10 @@ every argument): slots outside ``[0, num_blocks * block_size)`` (negative ones a
 kernels move bytes in the widest vector (16, 8, 4 or 2 bytes) that every pointer, stride and row
 allows, on torch's current stream.
 
-``swap_blocks`` is :func:`pagedattn.ops.swap.swap_blocks` itself: it already is one
-``cudaMemcpyAsync`` per coalesced run of blocks on the current stream (``Tensor.copy_`` of two
-same-strided dense runs, which torch turns into a plain memcpy, pageable CPU memory included), with no
-Triton, so a second implementation would add nothing.
+``swap_blocks`` needs no kernel here: the registry runs :func:`pagedattn.ops.swap.swap_blocks` for every
+backend, one ``cudaMemcpyAsync`` per coalesced run of blocks on the current stream (``Tensor.copy_`` of
+two same-strided dense runs, which torch turns into a plain memcpy, pageable CPU memory included), with
+no Triton, so a second implementation would add nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 
 from pagedattn.ops import cuda_runtime
 from pagedattn.ops.pointer_tables import cache_pointer_table
-from pagedattn.ops.swap import swap_blocks  # noqa: F401  (the CUDA backend's swap_blocks; see above)
 
 SOURCE = "cache.cu"
 #: Threads of a thread block, at most.
