@@ -15,7 +15,7 @@ context), :mod:`.models` (what can be served, cache geometry), :mod:`.kv_cache` 
 :mod:`.step` (a step's input), :mod:`.runner` (loading and running).
 """
 
-from .attention import ATTN_IMPLEMENTATION, paged_attention_forward, register
+from .attention import ATTN_IMPLEMENTATION, bound_kv_caches, paged_attention_forward, register
 from .context import PagedForwardContext, forward_context, get_forward_context, has_forward_context
 from .kv_cache import PagedKVCache, kv_cache_bytes_per_block
 from .models import (
@@ -38,6 +38,7 @@ __all__ = [
     "PagedKVCache",
     "StepInput",
     "UnsupportedModelError",
+    "bound_kv_caches",
     "check_config_supported",
     "check_model_supported",
     "forward_context",

@@ -17,7 +17,9 @@ causal structure, sequence boundaries and sliding windows come from the paged me
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import re
+from typing import Iterator, Optional
 
 import torch
 
@@ -27,6 +29,9 @@ from .context import get_forward_context
 
 #: The name to pass as ``attn_implementation``.
 ATTN_IMPLEMENTATION = "pagedattn"
+
+#: The attributes that hold an attention module's caches while they are bound (:func:`bound_kv_caches`).
+KEY_CACHE_ATTR, VALUE_CACHE_ATTR = "pagedattn_key_cache", "pagedattn_value_cache"
 
 _UNSET = object()
 
@@ -47,7 +52,8 @@ def paged_attention_forward(
     """Paged attention with the ``AttentionInterface`` signature.
 
     Args:
-        module: the calling attention module; its ``layer_idx`` picks the layer's caches.
+        module: the calling attention module; its ``layer_idx`` picks the layer's caches (or the
+            caches bound to it, when the context's ``kv_caches`` is None: :func:`bound_kv_caches`).
         query: [1, num_heads, T, head_dim], the model's dtype (after rotary embedding, if any).
         key, value: [1, num_kv_heads, T, head_dim], the new tokens' keys and values (the
             model's own cache is unused: call the model with ``use_cache=False``).
@@ -65,10 +71,6 @@ def paged_attention_forward(
         transformers' SDPA and flash implementations return); no attention weights.
     """
     ctx = get_forward_context()
-    layer_idx = getattr(module, "layer_idx", None)
-    if not isinstance(layer_idx, int):
-        raise RuntimeError(f"{type(module).__name__} has no integer layer_idx (got {layer_idx!r}); "
-                           "pagedattn needs it to pick the layer's KV cache")
     if query.dim() != 4 or query.shape[0] != 1:
         raise ValueError(f"pagedattn expects one packed batch row, query [1, num_heads, T, head_dim]; "
                          f"got shape {tuple(query.shape)}")
@@ -81,16 +83,14 @@ def paged_attention_forward(
                          "decoder-only causal models")
     if dropout and module.training:
         raise ValueError("pagedattn attention is inference-only: dropout must be 0 (call model.eval())")
-    if layer_idx < 0 or layer_idx >= len(ctx.kv_caches):
-        raise IndexError(f"layer_idx {layer_idx} of {type(module).__name__} is outside the "
-                         f"{len(ctx.kv_caches)} layers' KV caches")
+    key_cache, value_cache = _layer_caches(module, ctx)
 
     # [1, H, T, D] -> [T, H, D] views (strided; the ops need only the last dim contiguous).
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     if ctx.calls is not None:
-        ctx.calls.append((layer_idx, q.shape[1], k.shape[1], q.shape[2]))
+        ctx.calls.append((module.layer_idx, q.shape[1], k.shape[1], q.shape[2]))
     if v.shape[-1] != q.shape[-1] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"pagedattn needs one head_dim for queries, keys and values; got "
                          f"{q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
@@ -103,7 +103,6 @@ def paged_attention_forward(
 
     if sliding_window is _UNSET:
         sliding_window = getattr(module, "sliding_window", None)
-    key_cache, value_cache = ctx.kv_caches[layer_idx]
     reshape_and_cache(k, v, key_cache, value_cache, ctx.slot_mapping)
     out = torch.empty((q.shape[0], q.shape[1], q.shape[2]), dtype=q.dtype, device=q.device)
     paged_prefill_attention(
@@ -111,6 +110,69 @@ def paged_attention_forward(
         max_query_len=ctx.max_query_len, scale=scaling, sliding_window=sliding_window or None,
         softcap=softcap or None, out=out)
     return out.unsqueeze(0), None
+
+
+def _layer_caches(module: torch.nn.Module, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calling layer's ``(key_cache, value_cache)``: bound to the module when ``ctx.kv_caches``
+    is None, else ``ctx.kv_caches[module.layer_idx]``."""
+    if ctx.kv_caches is None:
+        key_cache = getattr(module, KEY_CACHE_ATTR, None)
+        value_cache = getattr(module, VALUE_CACHE_ATTR, None)
+        if key_cache is None or value_cache is None:
+            raise RuntimeError(f"the forward context has kv_caches=None but no caches are bound to "
+                               f"{type(module).__name__}: run the forward inside bound_kv_caches(model, caches)")
+        return key_cache, value_cache
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int):
+        raise RuntimeError(f"{type(module).__name__} has no integer layer_idx (got {layer_idx!r}); "
+                           "pagedattn needs it to pick the layer's KV cache")
+    if layer_idx < 0 or layer_idx >= len(ctx.kv_caches):
+        raise IndexError(f"layer_idx {layer_idx} of {type(module).__name__} is outside the "
+                         f"{len(ctx.kv_caches)} layers' KV caches")
+    return ctx.kv_caches[layer_idx]
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's attention modules (a class name ending in ``Attention`` and an integer ``layer_idx``),
+    in module order."""
+    return [m for m in model.modules()
+            if re.search(r"Attention$", type(m).__name__) and isinstance(getattr(m, "layer_idx", None), int)]
+
+
+@contextlib.contextmanager
+def bound_kv_caches(model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Attach each layer's caches to its attention module for the duration of the block.
+
+    A forward whose context has ``kv_caches=None`` reads its caches from the modules. Compiled
+    decoder blocks need this: a cache picked from a list by ``module.layer_idx`` makes
+    ``torch.compile`` specialise on that integer and trace every block again (22 traces for a
+    22-block model), while tensors held by the module are graph inputs, so one trace serves every
+    block of the same class and attributes.
+
+    Args:
+        model: the transformers model; its attention modules' ``layer_idx`` must be exactly
+            ``0 .. len(kv_caches) - 1``, one module each.
+        kv_caches: per layer ``(key_cache, value_cache)``.
+
+    Raises:
+        ValueError: the modules' ``layer_idx`` do not match the caches one to one.
+    """
+    modules = attention_modules(model)
+    indices = sorted(m.layer_idx for m in modules)
+    if indices != list(range(len(kv_caches))):
+        raise ValueError(f"cannot bind {len(kv_caches)} layers' caches to attention modules with "
+                         f"layer_idx {indices}")
+    for module in modules:
+        key_cache, value_cache = kv_caches[module.layer_idx]
+        setattr(module, KEY_CACHE_ATTR, key_cache)
+        setattr(module, VALUE_CACHE_ATTR, value_cache)
+    try:
+        yield
+    finally:
+        for module in modules:
+            for name in (KEY_CACHE_ATTR, VALUE_CACHE_ATTR):
+                if name in module.__dict__:
+                    delattr(module, name)
 
 
 def register() -> str:

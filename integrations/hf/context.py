@@ -32,6 +32,8 @@ class PagedForwardContext:
         max_query_len: the most new tokens of any sequence in this step (a tiling hint).
         kv_caches: one ``(key_cache, value_cache)`` per layer, indexed by the attention module's
             ``layer_idx``; each ``[num_blocks, block_size, num_kv_heads, head_dim]`` (logical shape).
+            None: each attention module reads the caches bound to it
+            (:func:`~pagedattn.integrations.hf.attention.bound_kv_caches`; compiled blocks need that).
         calls: when not None, each attention call appends
             ``(layer_idx, num_heads, num_kv_heads, head_dim)`` here (used to probe a model).
     """
@@ -41,7 +43,7 @@ class PagedForwardContext:
     seq_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor
     max_query_len: int
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    kv_caches: Optional[list[tuple[torch.Tensor, torch.Tensor]]]
     calls: Optional[list[tuple[int, int, int, int]]] = field(default=None)
 
     @property

@@ -40,13 +40,20 @@ def decoder_layers(model: torch.nn.Module, num_layers: int) -> list[torch.nn.Mod
     raise ValueError(f"{type(model).__name__} has no ModuleList of {num_layers} identical decoder layers")
 
 
-def compile_layers(layers: list[torch.nn.Module]) -> None:
-    """``torch.compile`` each decoder block in place (regional compilation: the blocks' graphs are
-    the same, so after the first block the compiler's caches serve the others). Idempotent.
+def compile_layers(layers: list[torch.nn.Module], backend: str = "inductor") -> None:
+    """``torch.compile`` each decoder block in place (regional compilation). Idempotent.
 
-    Each block is traced once: the attention reads its layer's caches by the module's
-    ``layer_idx``, a constant the compiled code is guarded on, so the recompile limits are raised
-    to the number of blocks (the default, 8, would stop at the ninth block under ``fullgraph``)."""
+    Run the compiled blocks with the caches bound to the attention modules
+    (:func:`~pagedattn.integrations.hf.attention.bound_kv_caches`, context ``kv_caches=None``): the
+    caches are then graph inputs and one trace serves every block. Blocks whose constant attributes
+    differ (a per-layer sliding window, or caches picked by ``layer_idx`` from the context's list)
+    are traced again, so the recompile limits are raised to the number of blocks (the default, 8,
+    would stop at the ninth block under ``fullgraph``).
+
+    Args:
+        layers: the decoder blocks (:func:`decoder_layers`).
+        backend: ``torch.compile``'s backend (the tests pass ``"eager"`` to trace without Inductor).
+    """
     import torch._dynamo.config as dynamo_config
 
     for name, need in (("recompile_limit", 2 * len(layers) + 8), ("cache_size_limit", 2 * len(layers) + 8),
@@ -56,7 +63,7 @@ def compile_layers(layers: list[torch.nn.Module]) -> None:
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), need))
     for layer in layers:
         if getattr(layer, "_compiled_call_impl", None) is None:
-            layer.compile(fullgraph=True, dynamic=True)
+            layer.compile(backend=backend, fullgraph=True, dynamic=True)
 
 
 def eager_stance():
@@ -81,7 +88,10 @@ class DecodeGraphs:
         forward: ``forward(input_ids [1, B] int64, position_ids [1, B] int64)`` returning the
             logits ``[B, vocab]`` (any float dtype) of every row; called inside the forward
             context that :meth:`capture` sets.
-        kv_caches: per layer ``(key_cache, value_cache)``, the caches the graphs read and write.
+        kv_caches: per layer ``(key_cache, value_cache)``, the caches the graphs read and write;
+            None: the caches bound to the model's attention modules while :meth:`capture` runs
+            (:func:`~pagedattn.integrations.hf.attention.bound_kv_caches`), which the caller keeps
+            alive as long as the graphs.
         block_size: tokens per cache block.
         max_num_seqs: the most sequences of a step (the largest graph).
         max_model_len: the longest sequence; the block-table buffer has
@@ -92,7 +102,8 @@ class DecodeGraphs:
             again for that size; one sequence then runs padded to two rows).
     """
 
-    def __init__(self, forward: ForwardFn, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+    def __init__(self, forward: ForwardFn, kv_caches: Optional[list[tuple[torch.Tensor, torch.Tensor]]],
+                 block_size: int,
                  max_num_seqs: int, max_model_len: int, vocab_size: int, device: torch.device,
                  min_batch: int = 1):
         if torch.device(device).type != "cuda":

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .attention import ATTN_IMPLEMENTATION, register
+from .attention import ATTN_IMPLEMENTATION, bound_kv_caches, register
 from .context import PagedForwardContext, forward_context
 from .cuda_graphs import DecodeGraphs, compile_layers, decoder_layers, eager_stance
 from .kv_cache import PagedKVCache, kv_cache_bytes_per_block
@@ -177,8 +177,8 @@ class ModelRunner:
 
         Args:
             compile: ``torch.compile`` the model's decoder blocks (regional compilation,
-                ``fullgraph=True, dynamic=True``: elementwise work fused, one compilation shared by
-                the blocks and every batch size but 1) before capturing; other steps keep running
+                ``fullgraph=True, dynamic=True``: elementwise work fused, one trace shared by the
+                blocks and every batch size but 1) before capturing; other steps keep running
                 them eagerly.
         """
         caches = self._cache().device_caches
@@ -187,9 +187,12 @@ class ModelRunner:
         if compile:
             compile_layers(decoder_layers(self.model, self.spec.num_layers))
             self._compiled_layers = True
-        graphs = DecodeGraphs(self._graph_forward, caches, self.block_size, max_num_seqs, max_model_len, vocab,
+        # the caches are bound to the attention modules while capturing (one compiled trace serves
+        # every block); the graphs keep their addresses, the runner keeps them alive
+        graphs = DecodeGraphs(self._graph_forward, None, self.block_size, max_num_seqs, max_model_len, vocab,
                               self.device, min_batch=2 if compile else 1)
-        graphs.capture()
+        with bound_kv_caches(self.model, caches):
+            graphs.capture()
         self.decode_graphs = graphs
         return graphs
 

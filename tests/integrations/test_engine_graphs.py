@@ -116,7 +116,7 @@ def test_step_input_to_same_device_is_itself():
 
 
 def test_compile_layers_raises_the_recompile_limit_to_the_number_of_blocks():
-    """Each block is traced once (guarded on its layer_idx): 22 blocks must not hit the default limit of 8."""
+    """Blocks that differ in constants trace again: 22 blocks must not hit the default limit of 8."""
     import torch._dynamo.config as dynamo_config
 
     from pagedattn.integrations.hf.cuda_graphs import compile_layers
@@ -125,3 +125,84 @@ def test_compile_layers_raises_the_recompile_limit_to_the_number_of_blocks():
     compile_layers(layers)
     assert dynamo_config.recompile_limit >= 22
     assert all(getattr(m, "_compiled_call_impl", None) is not None for m in layers)
+
+
+def _compiled_trace_run(path, bound: bool):
+    """Compile a 4-block Llama's blocks (backend "eager"), run one decode step of 3 sequences with the
+    caches bound to the modules or passed by list; return (traces, logits, eager logits)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from pagedattn.integrations.hf import ModelRunner
+    from pagedattn.integrations.hf.attention import bound_kv_caches
+    from pagedattn.integrations.hf.context import PagedForwardContext, forward_context
+    from pagedattn.integrations.hf.cuda_graphs import compile_layers
+
+    runner = ModelRunner(path, num_gpu_blocks=8, block_size=4, dtype=torch.float32, device="cpu")
+    caches = runner.kv_caches
+    for kc, vc in caches:
+        kc.normal_()
+        vc.normal_()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 512, (1, 3), generator=gen)
+    positions = torch.tensor([[5, 2, 7]])
+
+    def step(kv_caches):
+        ctx = PagedForwardContext(slot_mapping=torch.tensor([5, 10, 31]), block_tables=torch.tensor(
+            [[0, 1], [2, 0], [6, 7]], dtype=torch.int32), seq_lens=torch.tensor([6, 3, 8], dtype=torch.int32),
+            cu_seqlens_q=torch.tensor([0, 1, 2, 3], dtype=torch.int32), max_query_len=1, kv_caches=kv_caches)
+        with torch.inference_mode(), forward_context(ctx):
+            return runner._graph_forward(ids, positions).clone()
+
+    want = step(caches)  # eager, caches by list (writes the same K/V the compiled run writes again)
+    dynamo.reset()
+    counters.clear()
+    try:
+        compile_layers(decoder_layers(runner.model, 4), backend="eager")
+        if bound:
+            with bound_kv_caches(runner.model, caches):
+                got = step(None)
+        else:
+            got = step(caches)
+        return counters["stats"]["unique_graphs"], got, want
+    finally:
+        dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    from tests.integrations.hf_models import CONFIGS, save_checkpoint
+
+    config = CONFIGS["llama"]()
+    config.num_hidden_layers = 4
+    return save_checkpoint(config, str(tmp_path_factory.mktemp("llama4")))
+
+
+@pytest.mark.parametrize("bound, traces", [(True, 1), (False, 4)])
+def test_caches_bound_to_the_modules_give_one_trace_for_every_block(llama4, bound, traces):
+    """Caches picked by layer_idx from the context's list make Dynamo trace each block again; bound to
+    the attention modules, they are graph inputs and one trace serves all four blocks."""
+    num_traces, got, want = _compiled_trace_run(llama4, bound)
+    assert num_traces == traces
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bound_kv_caches_attaches_and_detaches(llama4):
+    from pagedattn.integrations.hf import ModelRunner
+    from pagedattn.integrations.hf.attention import KEY_CACHE_ATTR, attention_modules, bound_kv_caches
+    from pagedattn.integrations.hf.context import PagedForwardContext, forward_context
+
+    runner = ModelRunner(llama4, num_gpu_blocks=4, block_size=4, dtype=torch.float32, device="cpu")
+    modules = attention_modules(runner.model)
+    assert [m.layer_idx for m in modules] == [0, 1, 2, 3]
+    with bound_kv_caches(runner.model, runner.kv_caches):
+        assert all(getattr(m, KEY_CACHE_ATTR) is runner.kv_caches[m.layer_idx][0] for m in modules)
+    assert not any(hasattr(m, KEY_CACHE_ATTR) for m in modules)
+    with pytest.raises(ValueError, match=r"cannot bind 3 layers' caches .*layer_idx \[0, 1, 2, 3\]"):
+        with bound_kv_caches(runner.model, runner.kv_caches[:3]):
+            pass
+    ctx = PagedForwardContext(slot_mapping=torch.tensor([0]), block_tables=torch.zeros((1, 1), dtype=torch.int32),
+                              seq_lens=torch.ones(1, dtype=torch.int32),
+                              cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1, kv_caches=None)
+    with torch.inference_mode(), forward_context(ctx), pytest.raises(RuntimeError, match="no caches are bound"):
+        runner._graph_forward(torch.zeros((1, 1), dtype=torch.int64), torch.zeros((1, 1), dtype=torch.int64))
