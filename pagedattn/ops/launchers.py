@@ -24,6 +24,12 @@ TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 DECODE_TUNING = {
     "target_waves": 8,            # when splitting, aim for this many programs per multiprocessor
     "min_tokens_per_split": 512,  # never split a context finer than this
+    # bound one program's serial work: contexts of at most tail_split_max_len tokens are cut into pieces
+    # of at most this many even when (sequence, KV head) pairs fill the GPU (None: off), so a batch's few
+    # long sequences do not run alone at the kernel's end (bench/NOTES.md "Decode v5": the engine's decode
+    # kernel 47 -> 37 us a layer; longer uniform contexts lost 5% to the merge, so they are left whole)
+    "max_tokens_per_program": 512,
+    "tail_split_max_len": 2048,
     "num_warps": 4,
     "num_stages": 2,
     "tile_n": None,               # None: chosen from head size and dtype
@@ -49,16 +55,30 @@ def dot_in_float32(x: torch.Tensor) -> bool:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Split the context across programs when there are too few (sequence, KV head) pairs."""
+    """How many programs share one (sequence, KV head)'s context (see :func:`num_splits_for`)."""
     if device.type != "cuda":
         return 1
-    programs = num_seqs * num_kv_heads
-    num_sms = num_multiprocessors(device.index or 0)
+    return num_splits_for(num_seqs * num_kv_heads, max_seq_len, num_multiprocessors(device.index or 0))
+
+
+def num_splits_for(programs: int, max_seq_len: int, num_sms: int) -> int:
+    """The split count for ``programs`` (sequence, KV head) pairs of contexts up to ``max_seq_len``.
+
+    Few pairs: split until about ``target_waves`` programs per multiprocessor run, no split shorter
+    than ``min_tokens_per_split``. Contexts of at most ``tail_split_max_len`` tokens: no program gets
+    more than ``max_tokens_per_program`` tokens of the longest (a batch's longest sequence would
+    otherwise bound its time).
+    """
+    t = DECODE_TUNING
+    by_tail = 1
+    if t["max_tokens_per_program"] and max_seq_len <= t["tail_split_max_len"]:
+        by_tail = triton.cdiv(max_seq_len, t["max_tokens_per_program"])
     if programs >= num_sms:
-        return 1  # one (sequence, KV head) per program already fills the GPU
-    target = DECODE_TUNING["target_waves"] * num_sms
-    by_length = max(1, max_seq_len // DECODE_TUNING["min_tokens_per_split"])
-    return max(1, min(triton.cdiv(target, programs), by_length, 256))
+        by_occupancy = 1  # one (sequence, KV head) per program already fills the GPU
+    else:
+        by_length = max(1, max_seq_len // t["min_tokens_per_split"])
+        by_occupancy = min(triton.cdiv(t["target_waves"] * num_sms, programs), by_length)
+    return max(1, min(max(by_occupancy, by_tail), 256))
 
 
 def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -133,7 +133,8 @@ def paged_decode_kernel(
     else:
         # partial buffers are contiguous [num_seqs, num_heads, num_splits, BLOCK_D] / [.., num_splits]
         row = (seq.to(tl.int64) * (tl.num_programs(1) * group_size) + heads) * num_splits + split
-        tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], o, mask=out_mask)
+        # a split past the sequence's end stores only its lse (-inf): the merge reads no output of it
+        tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], o, mask=out_mask & has_any[:, None])
         tl.store(part_lse_ptr + row, lse, mask=m_mask)
 
 

@@ -82,3 +82,26 @@ def test_copy_blocks_kernel_matches_reference():
     for got, want in zip(caches, expected):
         assert torch.equal(got, want)
     assert torch.equal(caches[0][3], caches[0][0]) and torch.equal(caches[3][7], caches[3][6])
+
+
+@pytest.mark.parametrize("programs, max_len, want", [
+    (1024, 173, 1),     # a full batch of short contexts: no split
+    (1024, 2048, 4),    # ... whose longest may reach 2048 tokens: pieces of at most 512
+    (512, 4096, 1),     # longer contexts of a full batch stay whole (the merge cost 5% on uniform ones)
+    (8, 32768, 64),     # few pairs of long contexts: about 8 programs per multiprocessor (8 * 132 / 8 = 132 > 64)
+    (4, 1024, 2),       # few pairs, short: two splits of 512 (by length and by the tail bound alike)
+    (4, 100, 1),
+    (1, 10**9, 256),    # capped
+])
+def test_num_splits_bounds_each_programs_tokens(programs, max_len, want):
+    from pagedattn.ops import launchers
+
+    assert launchers.num_splits_for(programs, max_len, num_sms=132) == want
+
+
+def test_num_splits_without_the_tail_bound_keeps_short_batches_whole(monkeypatch):
+    from pagedattn.ops import launchers
+
+    monkeypatch.setitem(launchers.DECODE_TUNING, "max_tokens_per_program", None)
+    assert launchers.num_splits_for(1024, 2048, num_sms=132) == 1
+    assert launchers.num_splits_for(8, 32768, num_sms=132) == 64

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Decode over an engine-like batch (many contexts of skewed lengths) against the split count.
+
+The engine's decode steps run the decode kernel over ShareGPT-like contexts (log-normal lengths, mean 161
+prompt tokens plus what was generated, capped at 1,024) through a block table as wide as ``max_model_len``.
+One program of the kernel reads one (sequence, KV head, split)'s tokens in order, so without splits the
+longest context of the batch bounds the kernel's time while the short ones are long done. This benchmark
+times ``num_splits`` = auto (the launcher's choice, with and without its bound ``max_tokens_per_program``) and fixed
+1, 2, 4, 8, 16 on the attention geometry of the 1.1B Llama (32 heads, 4 KV heads, head 64, bf16, block 16,
+2,048-token tables, 256 sequences), and auto under both rules on the ops benchmark's main shape (64 x 4096,
+32 / 8 heads, head 128); each variant is checked against the PyTorch reference (float32) first.
+
+    python bench/bench_decode_skew.py            # bench/results/<card>/decode_skew.json
+    python bench/bench_decode_skew.py --dry-run  # CPU (Triton interpreter), tiny shapes, temp output
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench import harness as hx  # noqa: E402
+from bench.bench_ops import sec_physical  # noqa: E402
+from bench.harness import card_slug, rec, timeit  # noqa: E402
+from bench.ops_common import FULL, make_case, max_diff  # noqa: E402
+from bench.workloads import _lognormal  # noqa: E402
+from pagedattn.ops import allocate_kv_cache, config, launchers, paged_decode_attention  # noqa: E402
+
+TOL = 2e-2
+ENGINE = SimpleNamespace(seqs=256, heads=32, kv_heads=4, head_size=64, block=16, width_tokens=2048,
+                         mean_prompt=161, generated=30, cap=1024, dtype=torch.bfloat16)
+DRY = SimpleNamespace(seqs=6, heads=4, kv_heads=2, head_size=64, block=16, width_tokens=256,
+                      mean_prompt=20, generated=3, cap=200, dtype=torch.float32)
+SPLITS = (1, 2, 4, 8, 16)
+
+
+def skewed_case(e, seed: int = 0):
+    """Query, caches, scattered block tables and lengths of ``e.seqs`` ShareGPT-like contexts."""
+    rng = np.random.default_rng(seed)
+    lens = [min(n + e.generated, e.width_tokens) for n in _lognormal(rng, e.mean_prompt, 0.9, e.seqs, e.cap)]
+    width = e.width_tokens // e.block
+    need = [-(-n // e.block) for n in lens]
+    num_blocks = sum(need) + 1
+    perm = torch.randperm(num_blocks).tolist()
+    tables = torch.zeros((e.seqs, width), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = torch.tensor(perm[at:at + n], dtype=torch.int32)
+        at += n
+    kc, vc = allocate_kv_cache(num_blocks, e.block, e.kv_heads, e.head_size, e.dtype, hx.DEV)
+    kc.normal_()
+    vc.normal_()
+    q = torch.randn(e.seqs, e.heads, e.head_size, dtype=e.dtype, device=hx.DEV)
+    kv_bytes = 2 * sum(lens) * e.kv_heads * e.head_size * kc.element_size()
+    return SimpleNamespace(q=q, kc=kc, vc=vc, bt=tables.to(hx.DEV), lens=torch.tensor(lens, dtype=torch.int32,
+                           device=hx.DEV), kv_bytes=kv_bytes, lens_list=lens, max_len=0)
+
+
+def reference(c) -> torch.Tensor:
+    previous = config.get_backend()
+    config.set_backend("reference")
+    try:
+        return paged_decode_attention(c.q.float(), c.kc.float(), c.vc.float(), c.bt, c.lens)
+    finally:
+        config.set_backend(previous)
+
+
+def variant(c, ref, sh, num_splits=None, tail_bound=True) -> dict:
+    """Check then time the decode op with ``num_splits`` (None: the launcher's choice) under one rule."""
+    saved = launchers.DECODE_TUNING["max_tokens_per_program"]
+    if not tail_bound:
+        launchers.DECODE_TUNING["max_tokens_per_program"] = None
+    try:
+        out = torch.full_like(c.q, float("nan"))
+        fn = lambda: paged_decode_attention(c.q, c.kc, c.vc, c.bt, c.lens, out=out, num_splits=num_splits,  # noqa: E731
+                                            max_seq_len=c.max_len)
+        diff = max_diff(fn(), ref)
+        chosen = num_splits or launchers.choose_num_splits(c.q.shape[0], c.kc.shape[2],
+                                                           c.max_len or c.bt.shape[1] * c.kc.shape[1], hx.DEV)
+        r = rec(timeit(fn, sh), c.kv_bytes, max_abs_diff=diff, ok=diff <= TOL, num_splits=chosen)
+    except Exception as e:  # noqa: BLE001
+        r = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        launchers.DECODE_TUNING["max_tokens_per_program"] = saved
+    return r
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        hx.DEV = torch.device("cpu")
+    e, sh = (DRY, SimpleNamespace(warmup=0, rep=0, cpu_reps=1)) if args.dry_run else (ENGINE, FULL)
+    card = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    res = {"card": card, "date": datetime.date.today().isoformat(), "command": "python bench/bench_decode_skew.py",
+           "engine_shape": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(e).items()},
+           "tuning": dict(launchers.DECODE_TUNING)}
+    if not args.dry_run:
+        sec_physical(res.setdefault("physical", {}), sh)  # the copy bandwidth the fractions refer to
+    torch.manual_seed(0)
+    c = skewed_case(e)
+    res["engine_shape"].update(max_len=max(c.lens_list), mean_len=float(np.mean(c.lens_list)),
+                               kv_bytes=c.kv_bytes)
+    ref = reference(c)
+    rows = {"auto": variant(c, ref, sh), "auto_without_tail_bound": variant(c, ref, sh, tail_bound=False)}
+    for n in SPLITS:
+        rows[f"splits_{n}"] = variant(c, ref, sh, num_splits=n)
+    res["engine"] = rows
+    if not args.dry_run:  # the main shape (1 GiB of K/V) only on the GPU
+        m = make_case(FULL.seqs, FULL.seq_len, FULL.block, "HND", FULL)
+        m.max_len = FULL.seq_len
+        ref_m = reference(m)
+        res["main"] = {"auto": variant(m, ref_m, sh), "auto_without_tail_bound": variant(m, ref_m, sh, tail_bound=False)}
+    out_dir = Path(tempfile.mkdtemp()) if args.dry_run else ROOT / "bench" / "results" / card_slug(card)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "decode_skew.json").write_text(json.dumps(res, indent=1))
+    for section in ("engine", "main"):
+        for name, r in res.get(section, {}).items():
+            print(f"{section:6s} {name:24s} " + (f"{r['ms'] * 1e3:8.1f} us  splits {r['num_splits']:3d}  "
+                                                 f"diff {r['max_abs_diff']:.1e} {'ok' if r['ok'] else 'FAIL'}"
+                                                 if "ms" in r else r.get("error", "")), flush=True)
+    print(f"results: {out_dir / 'decode_skew.json'}")
+
+
+if __name__ == "__main__":
+    main()
