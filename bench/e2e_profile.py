@@ -112,7 +112,7 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
     p = w["params"]
     num_steps = p.get("num_steps", 30)
     t_start = time.perf_counter()
-    llm = _make_llm(path, dev, p, **p.get("engine_overrides", {}))
+    llm = _make_llm(path, dev, p)
     startup_s = time.perf_counter() - t_start  # load, pool profiling, graph capture (and compilation)
     _warmup_engine(llm, w)
     eng = llm.engine
@@ -143,7 +143,8 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
     res = {"status": "ok", "batch_seqs": len(running), "context_tokens": tokens, "num_steps": num_steps,
            "decode_step_ms": float(np.median(steps)) * 1e3, "decode_step_ms_p90": float(np.percentile(steps, 90)) * 1e3,
            "host_ms": timer.medians_ms(), "startup_s": startup_s,
-           "engine_overrides": p.get("engine_overrides", {}), "cuda_graphs": eng.decode_graphs is not None,
+           "engine_overrides": p.get("engine_overrides", {}), "decode_tuning": p.get("decode_tuning", {}),
+           "cuda_graphs": eng.decode_graphs is not None,
            "graph_replays": getattr(eng.decode_graphs, "num_replays", 0), **_pool_info(llm), **_mem(dev)}
     if dev.startswith("cuda"):
         res["gpu_busy_fraction"] = busy_fraction(prof, wall)
