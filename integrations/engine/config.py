@@ -61,8 +61,9 @@ class EngineConfig:
             CUDA graphs captured at start-up for batch sizes up to ``max_num_seqs`` (CUDA only;
             also skipped in the ops' validation mode, whose value checks read the device).
         compile_decode: ``torch.compile`` the model's decoder blocks before capturing those graphs
-            (regional compilation: fuses the blocks' elementwise work; compiling adds start-up
-            time; other steps run the blocks eagerly). Ignored when eager.
+            (regional compilation: fuses the blocks' elementwise work, one trace for every block;
+            ~15 s more start-up for the 1.1B shape on an H100, decode steps 35% shorter; other
+            steps run the blocks eagerly). Ignored when eager.
         async_scheduling: schedule and launch step ``t + 1`` while the device still runs step
             ``t`` (its sampled ids feed step ``t + 1`` on the device; the host reads them after
             launching), so the host's work hides behind the device's. Steps with beam search or
@@ -72,7 +73,7 @@ class EngineConfig:
             pending tokens (``ModelRunner`` does); the outputs are the same either way.
         threaded_graph_launch: with async scheduling, launch a decode step's CUDA graph from a
             worker thread (the launch releases the GIL) while the engine reads the previous
-            step's tokens; off by default until measured on a GPU.
+            step's tokens; off by default (an H100 step took 5.26 instead of 4.84 ms with it).
     """
 
     block_size: int = 16
