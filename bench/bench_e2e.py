@@ -189,10 +189,7 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
                engine_overrides=dict(compile_decode=True))
             st("engine_profile_threaded", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
                engine_overrides=dict(threaded_graph_launch=True))
-            # A/B of the decode launcher's tail bound (bench/NOTES.md "Decode v5") and of compiled blocks
-            # end to end: only when asked for by --stages
-            st("engine_profile_no_tail_split", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
-               decode_tuning=dict(max_tokens_per_program=None))
+            # compiled blocks end to end (start-up ~25 s more): only when asked for by --stages
             st("engine_sharegpt_compiled", "engine", sg, 150, 60, prio=1, optional=True,
                engine_overrides=dict(compile_decode=True))
             st("engine_profile_sync", "engine_profile", sg, 90, 40, prio=3, num_steps=30,

@@ -143,8 +143,7 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
     res = {"status": "ok", "batch_seqs": len(running), "context_tokens": tokens, "num_steps": num_steps,
            "decode_step_ms": float(np.median(steps)) * 1e3, "decode_step_ms_p90": float(np.percentile(steps, 90)) * 1e3,
            "host_ms": timer.medians_ms(), "startup_s": startup_s,
-           "engine_overrides": p.get("engine_overrides", {}), "decode_tuning": p.get("decode_tuning", {}),
-           "cuda_graphs": eng.decode_graphs is not None,
+           "engine_overrides": p.get("engine_overrides", {}), "cuda_graphs": eng.decode_graphs is not None,
            "graph_replays": getattr(eng.decode_graphs, "num_replays", 0), **_pool_info(llm), **_mem(dev)}
     if dev.startswith("cuda"):
         res["gpu_busy_fraction"] = busy_fraction(prof, wall)

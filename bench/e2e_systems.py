@@ -20,12 +20,9 @@ from bench.workloads import _dtype, _mem, _pct, _sync
 
 # ------------------------------------------------------------------------------ our engine
 def _make_llm(path: str, dev: str, params: dict, **kw):
-    """The engine of a stage: its ``engine_kwargs`` / ``engine_overrides`` (EngineConfig fields) and its
-    ``decode_tuning`` (the Triton decode launcher's knobs, set in this worker process) applied."""
+    """The engine of a stage, with its ``engine_kwargs`` / ``engine_overrides`` (EngineConfig fields)."""
     from pagedattn.integrations.engine import LLM
-    from pagedattn.ops import launchers
 
-    launchers.DECODE_TUNING.update(params.get("decode_tuning", {}))
     cfg = dict(device=dev, dtype=_dtype(dev), block_size=params.get("block_size", 16),
                num_gpu_blocks=None if dev.startswith("cuda") else params.get("cpu_blocks", 2048),
                max_model_len=params.get("max_model_len", 2048))

@@ -24,12 +24,6 @@ TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 DECODE_TUNING = {
     "target_waves": 8,            # when splitting, aim for this many programs per multiprocessor
     "min_tokens_per_split": 512,  # never split a context finer than this
-    # bound one program's serial work: contexts of at most tail_split_max_len tokens are cut into pieces
-    # of at most this many even when (sequence, KV head) pairs fill the GPU (None: off), so a batch's few
-    # long sequences do not run alone at the kernel's end (bench/NOTES.md "Decode v5": the engine's decode
-    # kernel 47 -> 37 us a layer; longer uniform contexts lost 5% to the merge, so they are left whole)
-    "max_tokens_per_program": 512,
-    "tail_split_max_len": 2048,
     "num_warps": 4,
     "num_stages": 2,
     "tile_n": None,               # None: chosen from head size and dtype
@@ -64,21 +58,15 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device
 def num_splits_for(programs: int, max_seq_len: int, num_sms: int) -> int:
     """The split count for ``programs`` (sequence, KV head) pairs of contexts up to ``max_seq_len``.
 
-    Few pairs: split until about ``target_waves`` programs per multiprocessor run, no split shorter
-    than ``min_tokens_per_split``. Contexts of at most ``tail_split_max_len`` tokens: no program gets
-    more than ``max_tokens_per_program`` tokens of the longest (a batch's longest sequence would
-    otherwise bound its time).
+    Enough pairs to fill the GPU: no split. Fewer: split until about ``target_waves`` programs per
+    multiprocessor run, no split shorter than ``min_tokens_per_split``. (Splitting full batches of
+    skewed short contexts was tried and bought nothing: bench/NOTES.md "Decode v5".)
     """
     t = DECODE_TUNING
-    by_tail = 1
-    if t["max_tokens_per_program"] and max_seq_len <= t["tail_split_max_len"]:
-        by_tail = triton.cdiv(max_seq_len, t["max_tokens_per_program"])
     if programs >= num_sms:
-        by_occupancy = 1  # one (sequence, KV head) per program already fills the GPU
-    else:
-        by_length = max(1, max_seq_len // t["min_tokens_per_split"])
-        by_occupancy = min(triton.cdiv(t["target_waves"] * num_sms, programs), by_length)
-    return max(1, min(max(by_occupancy, by_tail), 256))
+        return 1  # one (sequence, KV head) per program already fills the GPU
+    by_length = max(1, max_seq_len // t["min_tokens_per_split"])
+    return max(1, min(triton.cdiv(t["target_waves"] * num_sms, programs), by_length, 256))
 
 
 def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

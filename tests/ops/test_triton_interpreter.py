@@ -85,23 +85,14 @@ def test_copy_blocks_kernel_matches_reference():
 
 
 @pytest.mark.parametrize("programs, max_len, want", [
-    (1024, 173, 1),     # a full batch of short contexts: no split
-    (1024, 2048, 4),    # ... whose longest may reach 2048 tokens: pieces of at most 512
-    (512, 4096, 1),     # longer contexts of a full batch stay whole (the merge cost 5% on uniform ones)
-    (8, 32768, 64),     # few pairs of long contexts: about 8 programs per multiprocessor (8 * 132 / 8 = 132 > 64)
-    (4, 1024, 2),       # few pairs, short: two splits of 512 (by length and by the tail bound alike)
+    (1024, 2048, 1),    # a full batch: no split, however long its contexts may be
+    (512, 4096, 1),
+    (8, 32768, 64),     # few pairs of long contexts: 8 * 132 / 8 = 132 programs wanted, 64 by length
+    (4, 1024, 2),       # few pairs, short: no split under 512 tokens
     (4, 100, 1),
     (1, 10**9, 256),    # capped
 ])
-def test_num_splits_bounds_each_programs_tokens(programs, max_len, want):
+def test_num_splits_fills_the_gpu_only_when_few_pairs_run(programs, max_len, want):
     from pagedattn.ops import launchers
 
     assert launchers.num_splits_for(programs, max_len, num_sms=132) == want
-
-
-def test_num_splits_without_the_tail_bound_keeps_short_batches_whole(monkeypatch):
-    from pagedattn.ops import launchers
-
-    monkeypatch.setitem(launchers.DECODE_TUNING, "max_tokens_per_program", None)
-    assert launchers.num_splits_for(1024, 2048, num_sms=132) == 1
-    assert launchers.num_splits_for(8, 32768, num_sms=132) == 64
