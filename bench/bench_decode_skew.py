@@ -6,10 +6,11 @@ prompt tokens plus what was generated, capped at 1,024) through a block table as
 One program of the kernel reads one (sequence, KV head, split)'s tokens in order, so without splits the
 longest context of the batch bounds the kernel's time while the short ones are long done. This benchmark
 times ``num_splits`` = auto (the launcher's choice) and fixed 1, 2, 4, 8, 16 on the attention geometry of the
-1.1B Llama (32 heads, 4 KV heads, head 64, bf16, block 16, 2,048-token tables, 256 sequences), and auto and 8
-splits on the ops benchmark's main shape (64 x 4096, 32 / 8 heads, head 128); each variant is checked against
-the PyTorch reference (float32) first. Replayed alone, the engine-like batch's K/V (~50 MB) stays in an H100's
-L2; in the engine other layers' data evicts it between calls.
+1.1B Llama (32 heads, 4 KV heads, head 64, bf16, block 16, 2,048-token tables, 256 sequences) and the launcher's tuning knobs (warps, pipeline stages, tile length) on the
+same batch, and auto and 8 splits on the ops benchmark's main shape (64 x 4096, 32 / 8 heads, head 128); each
+variant is checked against the PyTorch reference (float32) first. The engine-like batch runs over 22 layers'
+caches in turn, as the model does (one layer's ~50 MB of K/V would stay in an H100's L2 if replayed alone);
+times are per layer.
 
     python bench/bench_decode_skew.py            # bench/results/<card>/decode_skew.json
     python bench/bench_decode_skew.py --dry-run  # CPU (Triton interpreter), tiny shapes, temp output
@@ -40,10 +41,12 @@ from pagedattn.ops import allocate_kv_cache, config, launchers, paged_decode_att
 
 TOL = 2e-2
 ENGINE = SimpleNamespace(seqs=256, heads=32, kv_heads=4, head_size=64, block=16, width_tokens=2048,
-                         mean_prompt=161, generated=30, cap=1024, dtype=torch.bfloat16)
+                         mean_prompt=161, generated=30, cap=1024, dtype=torch.bfloat16, layers=22)
 DRY = SimpleNamespace(seqs=6, heads=4, kv_heads=2, head_size=64, block=16, width_tokens=256,
-                      mean_prompt=20, generated=3, cap=200, dtype=torch.float32)
+                      mean_prompt=20, generated=3, cap=200, dtype=torch.float32, layers=2)
 SPLITS = (1, 2, 4, 8, 16)
+#: DECODE_TUNING overrides timed on the engine-like batch (its default: 4 warps, 2 stages, 64-token tiles)
+TUNINGS = [dict(num_warps=w, num_stages=st, tile_n=t) for w in (2, 4) for st in (1, 2, 3) for t in (16, 32, 64)]
 
 
 def skewed_case(e, seed: int = 0):
@@ -59,13 +62,16 @@ def skewed_case(e, seed: int = 0):
     for i, n in enumerate(need):
         tables[i, :n] = torch.tensor(perm[at:at + n], dtype=torch.int32)
         at += n
-    kc, vc = allocate_kv_cache(num_blocks, e.block, e.kv_heads, e.head_size, e.dtype, hx.DEV)
-    kc.normal_()
-    vc.normal_()
+    caches = [allocate_kv_cache(num_blocks, e.block, e.kv_heads, e.head_size, e.dtype, hx.DEV)
+              for _ in range(e.layers)]
+    for kc, vc in caches:
+        kc.normal_()
+        vc.normal_()
     q = torch.randn(e.seqs, e.heads, e.head_size, dtype=e.dtype, device=hx.DEV)
-    kv_bytes = 2 * sum(lens) * e.kv_heads * e.head_size * kc.element_size()
-    return SimpleNamespace(q=q, kc=kc, vc=vc, bt=tables.to(hx.DEV), lens=torch.tensor(lens, dtype=torch.int32,
-                           device=hx.DEV), kv_bytes=kv_bytes, lens_list=lens, max_len=0)
+    kv_bytes = 2 * sum(lens) * e.kv_heads * e.head_size * caches[0][0].element_size()
+    return SimpleNamespace(q=q, kc=caches[0][0], vc=caches[0][1], caches=caches, bt=tables.to(hx.DEV),
+                           lens=torch.tensor(lens, dtype=torch.int32, device=hx.DEV), kv_bytes=kv_bytes,
+                           lens_list=lens, max_len=0)
 
 
 def reference(c) -> torch.Tensor:
@@ -77,18 +83,31 @@ def reference(c) -> torch.Tensor:
         config.set_backend(previous)
 
 
-def variant(c, ref, sh, num_splits=None) -> dict:
-    """Check then time the decode op with ``num_splits`` (None: the launcher's choice)."""
+def variant(c, ref, sh, num_splits=None, tuning=None) -> dict:
+    """Check (layer 0) then time the decode op over every layer's caches (``c.caches``, else ``c.kc, c.vc``)
+    with ``num_splits`` (None: the launcher's choice) and ``tuning`` (DECODE_TUNING overrides); per layer."""
+    saved = dict(launchers.DECODE_TUNING)
+    caches = getattr(c, "caches", None) or [(c.kc, c.vc)]
     try:
-        out = torch.full_like(c.q, float("nan"))
-        fn = lambda: paged_decode_attention(c.q, c.kc, c.vc, c.bt, c.lens, out=out, num_splits=num_splits,  # noqa: E731
-                                            max_seq_len=c.max_len)
+        launchers.DECODE_TUNING.update(tuning or {})
+        outs = [torch.full_like(c.q, float("nan")) for _ in caches]
+
+        def fn():
+            for (kc, vc), out in zip(caches, outs):
+                paged_decode_attention(c.q, kc, vc, c.bt, c.lens, out=out, num_splits=num_splits,
+                                       max_seq_len=c.max_len)
+            return outs[0]
+
         diff = max_diff(fn(), ref)
         chosen = num_splits or launchers.choose_num_splits(c.q.shape[0], c.kc.shape[2],
                                                            c.max_len or c.bt.shape[1] * c.kc.shape[1], hx.DEV)
-        r = rec(timeit(fn, sh), c.kv_bytes, max_abs_diff=diff, ok=diff <= TOL, num_splits=chosen)
+        r = rec(timeit(fn, sh) / len(caches), c.kv_bytes, max_abs_diff=diff, ok=diff <= TOL, num_splits=chosen,
+                tuning=tuning or {})
     except Exception as e:  # noqa: BLE001
         r = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        launchers.DECODE_TUNING.clear()
+        launchers.DECODE_TUNING.update(saved)
     return r
 
 
@@ -113,6 +132,8 @@ def main(argv=None) -> None:
     rows = {"auto": variant(c, ref, sh)}
     for n in SPLITS:
         rows[f"splits_{n}"] = variant(c, ref, sh, num_splits=n)
+    for t in TUNINGS:
+        rows["w{num_warps}_s{num_stages}_t{tile_n}".format(**t)] = variant(c, ref, sh, tuning=t)
     res["engine"] = rows
     if not args.dry_run:  # the main shape (1 GiB of K/V) only on the GPU
         m = make_case(FULL.seqs, FULL.seq_len, FULL.block, "HND", FULL)
