@@ -13,6 +13,11 @@ Example::
     cow_pairs = mgr.append_slots_batch(["req-0"], [next_token])   # decode step
     meta = mgr.build_metadata(["req-0"])                           # block_tables, slot_mapping
     mgr.free("req-0")
+
+A prompt can also be hashed when its request arrives, so that ``allocate`` hashes nothing::
+
+    hashes = hash_prompt_blocks(prompt_token_ids, block_size=16, extra_keys=("tenant-7",))
+    mgr.allocate("req-1", prompt_token_ids, extra_keys=("tenant-7",), block_hashes=hashes)
 """
 
 from pagedattn.alloc.append import PENDING_TOKEN
@@ -27,6 +32,7 @@ from pagedattn.alloc.hashing import (BLOCK_HASH_BYTES, TOKEN_DTYPE, as_token_arr
                                      root_hash)
 from pagedattn.alloc.invariants import check_invariants, snapshot_state
 from pagedattn.alloc.metadata import PAD_SLOT_ID, BatchMetadata, build_batch_metadata
+from pagedattn.alloc.prompt_hashes import PromptBlockHashes, hash_prompt_blocks
 from pagedattn.alloc.seq_arrays import SequenceArrays
 
 __all__ = [
@@ -45,6 +51,7 @@ __all__ = [
     "KVCacheBlock",
     "OutOfBlocksError",
     "PAD_SLOT_ID",
+    "PromptBlockHashes",
     "PENDING_TOKEN",
     "SequenceArrays",
     "SequenceState",
@@ -56,6 +63,7 @@ __all__ = [
     "check_invariants",
     "encode_extra_keys",
     "hash_block_tokens",
+    "hash_prompt_blocks",
     "hash_token_blocks",
     "root_hash",
     "snapshot_state",

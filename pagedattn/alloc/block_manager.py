@@ -35,6 +35,7 @@ from pagedattn.alloc import hashing
 from pagedattn.alloc.hashing import (TOKEN_DTYPE, as_token_array, encode_extra_keys, root_hash,
                                      split_token_blocks)
 from pagedattn.alloc.metadata import BatchMetadata, build_batch_metadata
+from pagedattn.alloc.prompt_hashes import PromptBlockHashes, check_block_hashes
 from pagedattn.alloc.seq_arrays import SequenceArrays
 from pagedattn.alloc.swap import SwapMixin
 
@@ -150,7 +151,7 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
 
     # ---------------------------------------------------------------------------- allocate
     def allocate(self, seq_id: Hashable, token_ids: Sequence[int] | np.ndarray,
-                 extra_keys: Any = None) -> int:
+                 extra_keys: Any = None, *, block_hashes: PromptBlockHashes | None = None) -> int:
         """Give a new sequence blocks for its prompt, reusing the longest cached prefix.
 
         Full blocks of the prompt are registered in the prefix cache right away, before their
@@ -164,6 +165,10 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
             token_ids: the prompt's token ids (a 1-D int32 array avoids a conversion).
             extra_keys: keys hashed into every block besides the tokens: a per-tenant salt,
                 an adapter id, ... (see :func:`~pagedattn.alloc.hashing.encode_extra_keys`).
+            block_hashes: the prompt's block hashes computed beforehand (when the request
+                arrived) by :func:`~pagedattn.alloc.prompt_hashes.hash_prompt_blocks` with the
+                same token ids, block size and extra keys; ``allocate`` then hashes nothing.
+                The result is the same as without them.
 
         Returns:
             The number of prompt tokens whose KV is already cached (a multiple of
@@ -171,7 +176,8 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
 
         Raises:
             DuplicateSequenceError: ``seq_id`` is live.
-            InvalidArgumentError: bad token ids or extra keys.
+            InvalidArgumentError: bad token ids or extra keys, or ``block_hashes`` not computed
+                for these token ids, this block size and these extra keys.
             OutOfBlocksError: not enough free GPU blocks; nothing is allocated.
         """
         seqs = self._seqs
@@ -183,6 +189,8 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
             tokens = as_token_array(token_ids, "token_ids")
         extra = b"" if extra_keys is None else encode_extra_keys(extra_keys)
         bs, pool = self.block_size, self.gpu_pool
+        if block_hashes is not None:
+            check_block_hashes(block_hashes, tokens, bs, extra)
         num_tokens = len(tokens)
         num_full, num_tail = divmod(num_tokens, bs)
         caching = self.enable_prefix_caching
@@ -191,14 +199,21 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
         if caching:
             # The longest cached prefix (inlined _cached_prefix), at most (num_tokens - 1) // bs
             # blocks so the last token is computed.
-            chunks = split_token_blocks(tokens, bs, num_full)
             get = pool.cached_blocks.get
-            for chunk in chunks[: (num_tokens - 1) // bs]:
-                block = get(last_hash + chunk)
-                if block is None or block.extra_keys != extra:
-                    break
-                hits.append(block)
-                last_hash = block.block_hash
+            if block_hashes is None:
+                chunks = split_token_blocks(tokens, bs, num_full)
+                for chunk in chunks[: (num_tokens - 1) // bs]:
+                    block = get(last_hash + chunk)
+                    if block is None or block.extra_keys != extra:
+                        break
+                    hits.append(block)
+                    last_hash = block.block_hash
+            else:
+                for key in block_hashes.block_keys[: (num_tokens - 1) // bs]:
+                    block = get(key)
+                    if block is None or block.extra_keys != extra:
+                        break
+                    hits.append(block)
         num_hits = len(hits)
         num_new = num_full + (num_tail != 0) - num_hits
         if hits:
@@ -208,13 +223,19 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
                                      f"allocate sequence {seq_id!r} ({num_tokens} tokens)")
             # -- mutation starts here: nothing below can fail.
             pool.touch(hits)
-            chunks = chunks[num_hits:]
         elif num_new > pool.free_block_queue.num_free_blocks:
             pool.check_available(num_new, f"allocate sequence {seq_id!r} ({num_tokens} tokens)")
         if caching:
             # Take the blocks, hash and register the new full blocks, in one pass.
-            blocks, last_hash = pool.get_new_cached_blocks(num_new, chunks, last_hash, extra,
-                                                           _hash_fn)
+            if block_hashes is None:
+                blocks, last_hash = pool.get_new_cached_blocks(
+                    num_new, chunks[num_hits:] if hits else chunks, last_hash, extra, _hash_fn)
+            else:
+                digests = block_hashes.block_hashes
+                blocks = pool.take_hashed_blocks(num_new, block_hashes.block_keys[num_hits:],
+                                                 digests[num_hits:], extra)
+                if digests:
+                    last_hash = digests[-1]
             if hits:
                 blocks[:0] = hits
                 self._num_hit_tokens += num_hits * bs

@@ -147,30 +147,24 @@ class BlockPool:
         Raises:
             OutOfBlocksError: if fewer blocks are free; nothing is taken.
         """
-        queue = self.free_block_queue
         num_full = len(chunks)
-        if num_blocks > queue.num_free_blocks or num_blocks < num_full:
-            if num_blocks < num_full:
-                raise ValueError(f"{num_full} chunks for {num_blocks} blocks")
-            queue.popleft_n(num_blocks)  # raises OutOfBlocksError
+        self._check_take(num_blocks, num_full, "chunks")
         cached = self.cached_blocks
-        setdefault = cached.setdefault
         # Copying an empty state is cheaper than calling the constructor.
         new_hasher = _new_blake2b if hash_fn is _hash_fn else hash_fn().copy
-        head = queue._head
-        block = head.next_free_block
+        block = self.free_block_queue._head.next_free_block
         blocks: list[KVCacheBlock] = []
         append = blocks.append
+        setdefault = cached.setdefault
         # Evictions are counted from the map's size afterwards: each one deletes a key, each
         # registration inserts one (num_kept counts the keys found held by another block).
         size_before, num_kept = len(cached), 0
         for chunk in chunks:
-            # Take the block (popleft_n and evict() inlined) ...
+            # Take the block (popleft_n and evict() inlined), hash its key and register it.
             append(block)
             old_key = block.block_key
             if old_key is not None:
-                del cached[old_key]  # its hash and extra keys are overwritten below
-            # ... hash its key and register it.
+                del cached[old_key]
             key = parent_hash + chunk
             h = new_hasher()
             h.update(key)
@@ -182,17 +176,96 @@ class BlockPool:
             else:
                 if old_key is not None:
                     block.block_hash = block.block_key = block.extra_keys = None
-                num_kept += not self._register_held_key(block, key, parent_hash, num_blocks -
-                                                        len(blocks), extra_keys)
+                num_kept += not self._register_held_key(block, key, parent_hash,
+                                                        num_blocks - len(blocks), extra_keys)
             block.ref_cnt = 1
             block.prev_free_block = None
             nxt = block.next_free_block
             block.next_free_block = None
             block = nxt
-        num_evicted = size_before + num_full - num_kept - len(cached)
-        if num_blocks > num_full:  # the uncached tail: a partly filled last block
-            for _ in repeat(None, num_blocks - num_full):
-                append(block)
+        self._finish_take(blocks, block, num_blocks - num_full,
+                          size_before + num_full - num_kept - len(cached))
+        return blocks, parent_hash
+
+    def take_hashed_blocks(self, num_blocks: int, block_keys: Sequence[bytes],
+                           block_hashes: Sequence[bytes], extra_keys: bytes
+                           ) -> list[KVCacheBlock]:
+        """``get_new_cached_blocks`` with the chain already hashed: take ``num_blocks`` blocks
+        and register the first ``len(block_keys)`` under the given keys, in one pass.
+
+        The result is exactly that of ``get_new_cached_blocks`` for the chunks these keys were
+        made of (same blocks, same map, same evictions); only the hashing is skipped.
+
+        Args:
+            num_blocks: blocks to take (``len(block_keys)`` or one more, a partly filled tail).
+            block_keys: ``key_i`` of the blocks to register, first block first.
+            block_hashes: ``hash_i``, the digest of each ``key_i``.
+            extra_keys: encoded extra keys stored on each registered block.
+
+        Returns:
+            The blocks taken, in queue order.
+
+        Raises:
+            OutOfBlocksError: if fewer blocks are free; nothing is taken.
+        """
+        num_full = len(block_keys)
+        self._check_take(num_blocks, num_full, "keys")
+        cached = self.cached_blocks
+        block = self.free_block_queue._head.next_free_block
+        blocks: list[KVCacheBlock] = []
+        append = blocks.append
+        setdefault = cached.setdefault
+        # Evictions are counted from the map's size afterwards: each one deletes a key, each
+        # registration inserts one (num_kept counts the keys found held by another block).
+        size_before, num_kept = len(cached), 0
+        for key, block_hash in zip(block_keys, block_hashes):  # get_new_cached_blocks' loop
+            append(block)
+            old_key = block.block_key
+            if old_key is not None:
+                del cached[old_key]
+            if setdefault(key, block) is block:
+                block.block_key = key
+                block.block_hash = block_hash
+                block.extra_keys = extra_keys
+            else:
+                if old_key is not None:
+                    block.block_hash = block.block_key = block.extra_keys = None
+                num_kept += not self._register_held_key(block, key, block_hash,
+                                                        num_blocks - len(blocks), extra_keys)
+            block.ref_cnt = 1
+            block.prev_free_block = None
+            nxt = block.next_free_block
+            block.next_free_block = None
+            block = nxt
+        self._finish_take(blocks, block, num_blocks - num_full,
+                          size_before + num_full - num_kept - len(cached))
+        return blocks
+
+    def _check_take(self, num_blocks: int, num_full: int, what: str) -> None:
+        """Raise unless ``num_blocks`` blocks are free and hold the ``num_full`` full ones
+        (``what``: the full blocks' name in the message)."""
+        if num_blocks < num_full:
+            raise ValueError(f"{num_full} {what} for {num_blocks} blocks")
+        if num_blocks > self.free_block_queue.num_free_blocks:
+            self.free_block_queue.popleft_n(num_blocks)  # raises OutOfBlocksError
+
+    def _finish_take(self, blocks: list[KVCacheBlock], block: KVCacheBlock, num_tail: int,
+                     num_evicted: int) -> None:
+        """End a multi-block take whose full blocks are in ``blocks``: take ``num_tail`` more
+        uncached blocks from ``block`` on (evicting cached ones), relink the queue's head and
+        count the evictions.
+
+        Args:
+            blocks: the blocks taken so far; the tail blocks are appended to it.
+            block: the first block not taken yet.
+            num_tail: blocks still to take (0 or 1: a partly filled last block).
+            num_evicted: evictions made by the blocks taken so far.
+        """
+        queue = self.free_block_queue
+        if num_tail:
+            cached = self.cached_blocks
+            for _ in repeat(None, num_tail):
+                blocks.append(block)
                 if block.block_key is not None:
                     del cached[block.block_key]
                     block.block_hash = block.block_key = block.extra_keys = None
@@ -202,15 +275,15 @@ class BlockPool:
                 nxt = block.next_free_block
                 block.next_free_block = None
                 block = nxt
+        head = queue._head
         head.next_free_block = block
         block.prev_free_block = head
-        queue.num_free_blocks -= num_blocks
+        queue.num_free_blocks -= len(blocks)
         self.num_evictions += num_evicted
-        return blocks, parent_hash
 
     def _register_held_key(self, block: KVCacheBlock, key: bytes, block_hash: bytes,
                            num_left: int, extra_keys: bytes) -> bool:
-        """``get_new_cached_blocks``' rare case: ``key`` is held by another block.
+        """The take loops' rare case: ``key`` is held by another block.
 
         If the holder is a free block among the ``num_left`` blocks this call is still to take
         (from ``block.next_free_block`` on), it would have been evicted before any

@@ -37,7 +37,9 @@ evicts and registers blocks in one pass
 (:meth:`~pagedattn.alloc.block_pool.BlockPool.get_new_cached_blocks`); the digests are the
 same. Registration is eager, never deferred: a block is in the map (and counts as cached) from
 the ``allocate`` that fills it, so hits, evictions and which block holds a key are the same
-whatever the caller looks at next.
+whatever the caller looks at next. An engine can also hash a prompt when its request arrives
+(:func:`~pagedattn.alloc.prompt_hashes.hash_prompt_blocks`, the same digests) and pass them to
+``allocate(..., block_hashes=...)``, which then hashes nothing.
 """
 
 from __future__ import annotations

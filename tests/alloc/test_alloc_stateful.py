@@ -1,6 +1,8 @@
 """Random operation sequences against the block manager (hypothesis ``RuleBasedStateMachine``).
 
-Rules: allocate, prefix-hit allocate (a seen prompt's prefix, same or other salt), eviction
+Rules: allocate, prefix-hit allocate (a seen prompt's prefix, same or other salt), allocate with
+block hashes computed beforehand (``hash_prompt_blocks``; now and then for another salt, which
+must be refused with the state unchanged), eviction
 pressure, append (copy-on-write included), batched decode append, fork, free, swap out/in,
 batch metadata, and every bad input (double free, unknown/freed sequence, fork into an existing
 id, swapping the wrong way, running out of blocks), the last ones asserting the state unchanged.
@@ -36,8 +38,9 @@ from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
                                  run_state_machine_as_test)
 
 from pagedattn.alloc import (BlockManager, DoubleFreeError, DuplicateSequenceError,
-                             FreedSequenceError, OutOfBlocksError, SwapError,
-                             UnknownSequenceError, encode_extra_keys, snapshot_state)
+                             FreedSequenceError, InvalidArgumentError, OutOfBlocksError,
+                             SwapError, UnknownSequenceError, encode_extra_keys,
+                             hash_prompt_blocks, snapshot_state)
 
 LONG = os.environ.get("PAGEDATTN_ALLOC_LONG", "") not in ("", "0")
 NUM_SEEDS = 50 if LONG else 20
@@ -159,17 +162,18 @@ class AllocatorMachine(RuleBasedStateMachine):
             hits.append(block)
         return hits
 
-    def do_allocate(self, tokens, extra):
+    def do_allocate(self, tokens, extra, block_hashes=None):
         sid = self.new_id()
         hits = self.expected_hits(tokens, extra)
         revived = sum(b.ref_cnt == 0 for b in hits)
         assert self.mgr.probe_prefix(tokens, extra) == (len(hits) * self.bs, revived)
         need = cdiv(len(tokens), self.bs) - len(hits) + revived
         if need > self.mgr.num_free_blocks:
-            self.expect_unchanged(lambda: self.mgr.allocate(sid, tokens, extra), OutOfBlocksError,
-                                  f"cannot allocate sequence {sid}")
+            self.expect_unchanged(lambda: self.mgr.allocate(sid, tokens, extra,
+                                                            block_hashes=block_hashes),
+                                  OutOfBlocksError, f"cannot allocate sequence {sid}")
             return
-        assert self.mgr.allocate(sid, tokens, extra) == len(hits) * self.bs
+        assert self.mgr.allocate(sid, tokens, extra, block_hashes=block_hashes) == len(hits) * self.bs
         assert self.mgr.get_block_table(sid)[: len(hits)] == [b.block_id for b in hits]
         self.tokens[sid], self.extra[sid] = list(tokens), extra
         self.prompts = (self.prompts + [(list(tokens), extra)])[-12:]
@@ -191,6 +195,25 @@ class AllocatorMachine(RuleBasedStateMachine):
         if not same_salt:
             extra = EXTRAS[(EXTRAS.index(extra) + 1) % len(EXTRAS)]
         self.do_allocate(tokens[: cut * self.bs] + tail, extra)
+
+    @precondition(lambda self: len(self.tokens) < MAX_SEQS)
+    @rule(pick=st.integers(0, 1 << 16), cut=st.integers(0, 4), tail=st.integers(0, 5),
+          number=NUMBERS, extra=st.sampled_from(EXTRAS), wrong_salt=st.integers(0, 9))
+    def allocate_prehashed(self, pick, cut, tail, number, extra, wrong_salt):
+        """A seen prompt's prefix (or a fresh prompt) with its block hashes computed first."""
+        self.count()
+        tokens = spell(tail, number)
+        if self.prompts and pick % 2:
+            seen, extra = self.prompts[pick % len(self.prompts)]
+            tokens = seen[: cut * self.bs] + tokens
+        if wrong_salt == 0:  # hashes of another salt: refused, nothing changes
+            other = EXTRAS[(EXTRAS.index(extra) + 1) % len(EXTRAS)]
+            self.expect_unchanged(
+                lambda: self.mgr.allocate(self.next_id + 1, tokens, extra,
+                                          block_hashes=hash_prompt_blocks(tokens, self.bs, other)),
+                InvalidArgumentError, "other extra_keys")
+            return
+        self.do_allocate(tokens, extra, hash_prompt_blocks(tokens, self.bs, extra))
 
     @precondition(lambda self: len(self.tokens) < MAX_SEQS)
     @rule(slack=st.integers(-1, 2), base=st.integers(100, 10_000))
