@@ -22,7 +22,7 @@ from pagedattn.integrations.engine.sequence import (
     SequenceStatus,
 )
 
-from pagedattn.alloc import BlockManager
+from pagedattn.alloc import BlockManager, hash_prompt_blocks
 
 __all__ = ["LLMEngine"]
 
@@ -99,6 +99,8 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer")
         gen = self.sampler.make_generator(params.seed) if params.seed is not None else None
         g = SequenceGroup(request_id, prompt, ids, params, arrival_time, next(self._order), gen)
+        if self.config.enable_prefix_caching:
+            g.block_hashes = hash_prompt_blocks(ids, self.config.block_size)  # off the scheduling path
         self._groups[request_id] = g
         self.scheduler.add(g)
 

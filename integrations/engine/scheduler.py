@@ -312,7 +312,10 @@ class Scheduler(AdmissionMixin):
             if allocated:
                 out.blocks_to_copy.extend(mgr.append_slots(s.seq_id, s.token_ids[nc:nc + k]))
             else:
-                got = mgr.allocate(s.seq_id, s.token_ids[:nc + k])
+                # the prompt's hashes (made when it arrived) serve a chunk within the prompt
+                hashes = g.block_hashes
+                got = mgr.allocate(s.seq_id, s.token_ids[:nc + k], block_hashes=(
+                    hashes.prefix(nc + k) if hashes is not None and nc + k <= s.prompt_len else None))
                 k += nc - got
                 nc = got
                 s.num_computed_tokens = got

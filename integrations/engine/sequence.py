@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from pagedattn.integrations.engine.sampling import SamplingParams
 
+from pagedattn.alloc import PromptBlockHashes
+
 __all__ = ["CompletionOutput", "RequestOutput", "Sequence", "SequenceGroup", "SequenceStatus"]
 
 _seq_counter = itertools.count()
@@ -110,7 +112,8 @@ class SequenceGroup:
 
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "arrival_time", "order",
                  "seqs", "finished_seqs", "generator", "forked", "beam", "error",
-                 "first_scheduled_time", "first_token_time", "finished_time", "num_preemptions")
+                 "first_scheduled_time", "first_token_time", "finished_time", "num_preemptions",
+                 "block_hashes")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, arrival_time: float | None = None, order: int = 0,
@@ -134,6 +137,9 @@ class SequenceGroup:
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
         self.num_preemptions = 0
+        #: the prompt's block hashes, computed when the request arrived (prefix caching on), so the
+        #: scheduler's allocation hashes nothing (pagedattn.alloc.hash_prompt_blocks)
+        self.block_hashes: PromptBlockHashes | None = None
 
     @property
     def key(self) -> tuple[float, int]:

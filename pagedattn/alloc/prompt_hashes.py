@@ -57,6 +57,26 @@ class PromptBlockHashes:
         """Number of full blocks hashed."""
         return len(self.block_keys)
 
+    def prefix(self, num_tokens: int) -> PromptBlockHashes:
+        """The hashes of the prompt's first ``num_tokens`` tokens (for allocating a first chunk).
+
+        Args:
+            num_tokens: how many leading tokens; the full blocks among them must have been hashed
+                (at most the hashed blocks' tokens plus a partial block).
+
+        Raises:
+            InvalidArgumentError: ``num_tokens`` is negative or covers blocks that were not hashed.
+        """
+        num_full = num_tokens // self.block_size if type(num_tokens) is int and num_tokens >= 0 else -1
+        if num_full < 0 or num_full > len(self.block_keys):
+            raise InvalidArgumentError(f"num_tokens must be in [0, {(len(self.block_keys) + 1) * self.block_size}), "
+                                       f"got {num_tokens!r}")
+        if num_full == len(self.block_keys):
+            return self
+        width = num_full * self.block_size * TOKEN_DTYPE.itemsize
+        return PromptBlockHashes(self.block_size, self.extra_keys, self.token_bytes[:width],
+                                 self.block_keys[:num_full], self.block_hashes[:num_full])
+
     def check_matches(self, tokens: np.ndarray, block_size: int, encoded_extra_keys: bytes) -> None:
         """Check that these hashes were computed for this prompt, block size and extra keys.
 

@@ -51,6 +51,23 @@ def test_hash_prompt_blocks_of_a_prompt_shorter_than_a_block():
     assert hash_prompt_blocks([], 4).num_blocks == 0
 
 
+@pytest.mark.parametrize("num_tokens", [0, 1, 3, 4, 5, 8, 9, 11])
+def test_prefix_is_the_hashes_of_the_leading_tokens(num_tokens):
+    prompt = list(range(100, 111))  # 11 tokens: 2 full blocks of 4 and a partial one
+    hashes = hash_prompt_blocks(prompt, 4, "salt")
+    got, want = hashes.prefix(num_tokens), hash_prompt_blocks(prompt[:num_tokens], 4, "salt")
+    assert (got.block_keys, got.block_hashes, got.token_bytes, got.extra_keys, got.block_size) == (
+        want.block_keys, want.block_hashes, want.token_bytes, want.extra_keys, want.block_size)
+    mgr = BlockManager(8, 4)
+    assert mgr.allocate("a", prompt[:num_tokens] or [1], "salt", block_hashes=got if num_tokens else None) == 0
+
+
+@pytest.mark.parametrize("num_tokens", [-1, 12, 100, 2.0])
+def test_prefix_refuses_tokens_that_were_not_hashed(num_tokens):
+    with pytest.raises(InvalidArgumentError, match="num_tokens must be in"):
+        hash_prompt_blocks(list(range(11)), 4).prefix(num_tokens)
+
+
 def test_hash_prompt_blocks_is_immutable():
     hashes = hash_prompt_blocks([1, 2, 3, 4], 2)
     with pytest.raises(AttributeError):

@@ -144,6 +144,31 @@ def test_prefix_hits_within_one_step_and_with_caching_off():
         assert_no_leak(engine)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_prompts_are_hashed_on_arrival_and_allocated_with_those_hashes(chunked):
+    """With prefix caching on, a prompt's blocks are hashed by add_request and every allocation within
+    the prompt (a whole prompt, or its first chunk) takes those hashes; outputs stay exact."""
+    engine = make_engine(256, block_size=4, max_num_batched_tokens=16 if chunked else 512,
+                         enable_chunked_prefill=chunked)
+    given = []
+    allocate = engine.block_manager.allocate
+
+    def spy(seq_id, token_ids, extra_keys=None, *, block_hashes=None):
+        given.append((len(token_ids), None if block_hashes is None else block_hashes.num_blocks))
+        return allocate(seq_id, token_ids, extra_keys, block_hashes=block_hashes)
+
+    engine.block_manager.allocate = spy
+    ps = prompts([23, 9, 23], seed=8)
+    ps[2] = list(ps[0])  # a prefix hit with hashes
+    outs = run_all(engine, [(str(i), p, GREEDY) for i, p in enumerate(ps)])
+    _check_greedy(outs, ps)
+    assert given and all(n is not None and n == length // 4 for length, n in given)
+    # whole prompts, or (chunked, 16 tokens a step) a first chunk of the 23-token ones
+    assert (sorted(length for length, _ in given) != sorted(len(p) for p in ps)) == chunked
+    assert engine.metrics.num_cached_tokens > 0
+    assert_no_leak(engine)
+
+
 def test_a_recomputed_sequence_hits_its_own_cached_blocks():
     # One long request and a pool that forces it to be preempted: its recompute hits the cache.
     engine = make_engine(12, block_size=4, max_num_batched_tokens=64, max_num_seqs=8)
