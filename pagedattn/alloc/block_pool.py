@@ -218,7 +218,9 @@ class BlockPool:
         # Evictions are counted from the map's size afterwards: each one deletes a key, each
         # registration inserts one (num_kept counts the keys found held by another block).
         size_before, num_kept = len(cached), 0
-        for key, block_hash in zip(block_keys, block_hashes):  # get_new_cached_blocks' loop
+        # get_new_cached_blocks' loop without the hashing. Not shared: calling hash_chain then this
+        # from get_new_cached_blocks cost its allocate 7% more instructions (cachegrind).
+        for key, block_hash in zip(block_keys, block_hashes):
             append(block)
             old_key = block.block_key
             if old_key is not None:

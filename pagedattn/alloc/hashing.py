@@ -250,9 +250,13 @@ def hash_token_blocks(parent_hash: bytes, tokens: np.ndarray, block_size: int,
     if num_blocks is None:
         num_blocks = len(tokens) // block_size
     out = []
-    sha = _hash_fn
+    add = out.append
+    # Copying an empty BLAKE2b state is cheaper than calling the constructor (same digests).
+    new_hasher = _new_blake2b if _hash_fn is hashlib.blake2b else _hash_fn().copy
     for chunk in split_token_blocks(tokens, block_size, num_blocks):
         key = parent_hash + chunk
-        parent_hash = sha(key).digest()
-        out.append((key, parent_hash))
+        h = new_hasher()
+        h.update(key)
+        parent_hash = h.digest()
+        add((key, parent_hash))
     return out

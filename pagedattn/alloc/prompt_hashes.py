@@ -16,7 +16,6 @@ content, so they are refused with :class:`~pagedattn.alloc.errors.InvalidArgumen
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,10 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from pagedattn.alloc import hashing
 from pagedattn.alloc.errors import InvalidArgumentError
-from pagedattn.alloc.hashing import (TOKEN_DTYPE, as_token_array, encode_extra_keys, root_hash,
-                                     split_token_blocks)
+from pagedattn.alloc.hashing import (TOKEN_DTYPE, as_token_array, encode_extra_keys, hash_token_blocks,
+                                     root_hash)
 
 __all__ = ["PromptBlockHashes", "check_block_hashes", "hash_prompt_blocks"]
 
@@ -148,20 +146,9 @@ def hash_prompt_blocks(token_ids: Sequence[int] | np.ndarray, block_size: int,
         tokens = as_token_array(token_ids, "token_ids")
     extra = b"" if extra_keys is None else encode_extra_keys(extra_keys)
     num_full = len(tokens) // block_size
-    hash_fn = hashing._hash_fn  # looked up here, so tests can swap it
-    new_hasher = hashing._new_blake2b if hash_fn is hashlib.blake2b else hash_fn().copy
-    parent_hash = root_hash(extra)
-    keys: list[bytes] = []
-    digests: list[bytes] = []
-    add_key, add_digest = keys.append, digests.append
-    for chunk in split_token_blocks(tokens, block_size, num_full):
-        key = parent_hash + chunk
-        h = new_hasher()
-        h.update(key)
-        parent_hash = h.digest()
-        add_key(key)
-        add_digest(parent_hash)
+    chain = hash_token_blocks(root_hash(extra), tokens, block_size, num_full)
+    keys, digests = (tuple(k) for k in zip(*chain)) if chain else ((), ())
     deque(map(hash, keys), 0)  # bytes caches its hash: the dict lookups reuse it
     return PromptBlockHashes(block_size, extra, tokens[: num_full * block_size].tobytes(),
-                             tuple(keys), tuple(digests))
+                             keys, digests)
 
