@@ -6,10 +6,7 @@ import pytest
 
 from pagedattn.alloc import (BlockPool, DoubleFreeError, FreeKVCacheBlockQueue, KVCacheBlock,
                              OutOfBlocksError)
-
-
-def ids(blocks):
-    return [b.block_id for b in blocks]
+from tests.alloc.pool_cases import TinyHash, ids, pool_state, random_cached_pool
 
 
 def test_queue_pops_from_head_and_appends_at_tail():
@@ -133,22 +130,6 @@ def test_pool_rejects_bad_size():
         BlockPool(-1)
 
 
-class TinyHash:
-    """A hash with 3 values, so that keys and hashes collide all the time."""
-
-    def __init__(self, data=b""):
-        self.data = bytes(data)
-
-    def copy(self):
-        return TinyHash(self.data)
-
-    def update(self, data):
-        self.data += bytes(data)
-
-    def digest(self):
-        return bytes([sum(self.data) % 3]) * 4
-
-
 def _reference_get_new_cached_blocks(pool, num_blocks, chunks, parent, extra, hash_fn):
     """get_new_blocks, then each key registered in turn (the allocator before the fused loop)."""
     blocks = pool.get_new_blocks(num_blocks)
@@ -165,13 +146,6 @@ def _reference_get_new_cached_blocks(pool, num_blocks, chunks, parent, extra, ha
     return blocks, parent
 
 
-def _pool_state(pool):
-    return ([(b.block_id, b.ref_cnt, b.block_key, b.block_hash, b.extra_keys,
-              b.prev_free_block is None, b.next_free_block is None) for b in pool.blocks],
-            ids(pool.free_block_queue), sorted((k, b.block_id) for k, b in pool.cached_blocks.items()),
-            pool.num_evictions, pool.num_free_blocks)
-
-
 @pytest.mark.parametrize("seed", range(300))
 def test_fused_take_and_register_equals_take_then_register(seed):
     """get_new_cached_blocks == get_new_blocks + registering the chain, block by block, even
@@ -181,15 +155,7 @@ def test_fused_take_and_register_equals_take_then_register(seed):
     import random
 
     rng = random.Random(seed)
-    pool = BlockPool(10)
-    # Cache some blocks under colliding keys, free some of them in a random order.
-    taken = pool.get_new_blocks(rng.randint(0, 10))
-    for block in taken:
-        if rng.random() < 0.8:
-            key = bytes([rng.randrange(3)]) * 4 + bytes([rng.randrange(3)])
-            pool.cache_block(block, key, TinyHash(key).digest(), rng.choice([b"", b"x"]))
-    rng.shuffle(taken)
-    pool.free_blocks(taken[: rng.randint(0, len(taken))])
+    pool = random_cached_pool(rng)
     num_free = pool.num_free_blocks
     num_blocks = rng.randint(0, num_free)
     num_chunks = max(0, num_blocks - rng.randint(0, 1))
@@ -201,14 +167,14 @@ def test_fused_take_and_register_equals_take_then_register(seed):
     want_blocks, want_hash = _reference_get_new_cached_blocks(ref, num_blocks, chunks, parent,
                                                               extra, TinyHash)
     assert (ids(got_blocks), got_hash) == (ids(want_blocks), want_hash)
-    assert _pool_state(pool) == _pool_state(ref)
+    assert pool_state(pool) == pool_state(ref)
     for key, block in pool.cached_blocks.items():
         assert block.block_key == key
 
 
 def test_fused_take_and_register_out_of_blocks_changes_nothing():
     pool = BlockPool(2)
-    before = _pool_state(pool)
+    before = pool_state(pool)
     with pytest.raises(OutOfBlocksError):
         pool.get_new_cached_blocks(3, [b"a", b"b", b"c"], b"p", b"", hashlib.blake2b)
-    assert _pool_state(pool) == before
+    assert pool_state(pool) == before

@@ -13,6 +13,7 @@ import pytest
 from pagedattn.alloc import (BlockManager, BlockPool, InvalidArgumentError, OutOfBlocksError,
                              PromptBlockHashes, encode_extra_keys, hash_prompt_blocks,
                              snapshot_state)
+from tests.alloc.pool_cases import TinyHash, ids, pool_state, random_cached_pool
 
 
 def reference_chain(tokens, block_size, extra_keys=None):
@@ -24,10 +25,6 @@ def reference_chain(tokens, block_size, extra_keys=None):
         parent = hashlib.blake2b(key).digest()
         out.append((key, parent))
     return out
-
-
-def ids(blocks):
-    return [b.block_id for b in blocks]
 
 
 # ------------------------------------------------------------------------- hash_prompt_blocks
@@ -213,22 +210,6 @@ def test_block_hashes_are_checked_even_without_prefix_caching():
 
 
 # -------------------------------------------------------------------- pool: take_hashed_blocks
-class TinyHash:
-    """A hash with 3 values, so that keys and hashes collide all the time."""
-
-    def __init__(self, data=b""):
-        self.data = bytes(data)
-
-    def copy(self):
-        return TinyHash(self.data)
-
-    def update(self, data):
-        self.data += bytes(data)
-
-    def digest(self):
-        return bytes([sum(self.data) % 3]) * 4
-
-
 def reference_take_then_register(pool, num_blocks, keys, hashes, extra):
     """get_new_blocks, then each key registered in turn unless another block holds it."""
     blocks = pool.get_new_blocks(num_blocks)
@@ -238,26 +219,12 @@ def reference_take_then_register(pool, num_blocks, keys, hashes, extra):
     return blocks
 
 
-def pool_state(pool):
-    return ([(b.block_id, b.ref_cnt, b.block_key, b.block_hash, b.extra_keys,
-              b.prev_free_block is None, b.next_free_block is None) for b in pool.blocks],
-            ids(pool.free_block_queue), sorted((k, b.block_id) for k, b in pool.cached_blocks.items()),
-            pool.num_evictions, pool.num_free_blocks)
-
-
 @pytest.mark.parametrize("seed", range(300))
 def test_take_hashed_blocks_equals_take_then_register(seed):
     """Keys held by a free block the same call takes, by a used block, by a free block it
     does not take, and repeated keys: all as registering block by block after the take."""
     rng = random.Random(seed)
-    pool = BlockPool(10)
-    taken = pool.get_new_blocks(rng.randint(0, 10))
-    for block in taken:
-        if rng.random() < 0.8:
-            key = bytes([rng.randrange(3)]) * 4 + bytes([rng.randrange(3)])
-            pool.cache_block(block, key, TinyHash(key).digest(), rng.choice([b"", b"x"]))
-    rng.shuffle(taken)
-    pool.free_blocks(taken[: rng.randint(0, len(taken))])
+    pool = random_cached_pool(rng)
     num_blocks = rng.randint(0, pool.num_free_blocks)
     num_keys = max(0, num_blocks - rng.randint(0, 1))
     start_parent = parent = bytes([rng.randrange(3)]) * 4
