@@ -132,11 +132,15 @@ def _layer_caches(module: torch.nn.Module, ctx) -> tuple[torch.Tensor, torch.Ten
     return ctx.kv_caches[layer_idx]
 
 
+def is_attention_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a transformers attention layer (its class name ends in ``Attention``)."""
+    return re.search(r"Attention$", type(module).__name__) is not None
+
+
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's attention modules (a class name ending in ``Attention`` and an integer ``layer_idx``),
-    in module order."""
+    """The model's attention modules with an integer ``layer_idx``, in module order."""
     return [m for m in model.modules()
-            if re.search(r"Attention$", type(m).__name__) and isinstance(getattr(m, "layer_idx", None), int)]
+            if is_attention_module(m) and isinstance(getattr(m, "layer_idx", None), int)]
 
 
 @contextlib.contextmanager

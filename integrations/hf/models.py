@@ -10,14 +10,13 @@ the ``layer_idx`` and head geometry that the config announces. Both raise
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from pagedattn.ops import SUPPORTED_HEAD_SIZES, allocate_kv_cache
 
-from .attention import ATTN_IMPLEMENTATION
+from .attention import ATTN_IMPLEMENTATION, is_attention_module
 from .context import PagedForwardContext, forward_context
 
 #: Layer types (``config.layer_types``) that the paged attention serves.
@@ -133,7 +132,7 @@ def check_model_supported(model: torch.nn.Module, probe: bool = True) -> KVCache
         raise UnsupportedModelError(arch, "its attention layers do not dispatch through transformers' "
                                           "AttentionInterface")
     for name, module in model.named_modules():
-        if re.search(r"Attention$", type(module).__name__) and not isinstance(getattr(module, "layer_idx", None), int):
+        if is_attention_module(module) and not isinstance(getattr(module, "layer_idx", None), int):
             raise UnsupportedModelError(arch, f"attention module {name} ({type(module).__name__}) has no "
                                               "integer layer_idx to pick its KV cache")
     if probe:
