@@ -1,10 +1,27 @@
-"""Shared pieces of the block-pool tests: a colliding hash, the pool's full state, a random warm pool."""
+"""Shared pieces of the allocator tests: the documented hash chain written out independently, a colliding
+hash, the pool's full state, a random warm pool."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 
-from pagedattn.alloc import BlockPool
+import numpy as np
+
+from pagedattn.alloc import BlockPool, encode_extra_keys
+
+
+def reference_chain(tokens, block_size, extra_keys=None):
+    """The chain as the hashing module's docstring states it: [(block_key, block_hash)] per full block."""
+    parent = hashlib.blake2b(b"pagedattn.alloc.root/1\x00" + encode_extra_keys(extra_keys)).digest()
+    data = np.asarray(tokens, dtype="<i4").tobytes()
+    stride = 4 * block_size
+    out = []
+    for i in range(len(tokens) // block_size):
+        key = parent + data[i * stride:(i + 1) * stride]
+        parent = hashlib.blake2b(key).digest()
+        out.append((key, parent))
+    return out
 
 
 class TinyHash:

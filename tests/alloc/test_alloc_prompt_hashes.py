@@ -4,7 +4,6 @@ state as the plain path, the pool's pre-hashed take equal to taking then registe
 and every mismatch refused with the manager unchanged."""
 
 import copy
-import hashlib
 import random
 
 import numpy as np
@@ -13,18 +12,7 @@ import pytest
 from pagedattn.alloc import (BlockManager, BlockPool, InvalidArgumentError, OutOfBlocksError,
                              PromptBlockHashes, encode_extra_keys, hash_prompt_blocks,
                              snapshot_state)
-from tests.alloc.pool_cases import TinyHash, ids, pool_state, random_cached_pool
-
-
-def reference_chain(tokens, block_size, extra_keys=None):
-    """The chain as the hashing module's docstring states it, written out independently."""
-    parent = hashlib.blake2b(b"pagedattn.alloc.root/1\x00" + encode_extra_keys(extra_keys)).digest()
-    out = []
-    for i in range(len(tokens) // block_size):
-        key = parent + np.asarray(tokens[i * block_size:(i + 1) * block_size], "<i4").tobytes()
-        parent = hashlib.blake2b(key).digest()
-        out.append((key, parent))
-    return out
+from tests.alloc.pool_cases import TinyHash, ids, pool_state, random_cached_pool, reference_chain
 
 
 # ------------------------------------------------------------------------- hash_prompt_blocks
