@@ -12,6 +12,18 @@ if TYPE_CHECKING:
 
 __all__ = ["EngineMetrics"]
 
+#: lower edges of the batch-size buckets of :meth:`EngineMetrics.steps_by_batch`
+_BUCKET_EDGES = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256)
+
+
+def _bucket(num_seqs: int) -> int:
+    lo = _BUCKET_EDGES[0]
+    for edge in _BUCKET_EDGES:
+        if num_seqs < edge:
+            break
+        lo = edge
+    return lo
+
 
 class EngineMetrics:
     """Running totals of an engine; :meth:`summary` reads them, :meth:`table` formats them."""
@@ -43,6 +55,8 @@ class EngineMetrics:
         self._base_swapped_in = s.num_swapped_in_blocks
         self._ttft: list[float] = []
         self._latency: list[float] = []
+        # per kind of step ("decode" / "mixed") and batch-size bucket: [steps, seconds]
+        self._by_batch: dict[tuple[str, int], list[float]] = {}
 
     def record_step(self, out: SchedulerOutput, num_generated: int, seconds: float) -> None:
         now = time.perf_counter()
@@ -61,6 +75,13 @@ class EngineMetrics:
         self.num_cached_tokens += out.num_cached_tokens
         self.max_batch_seqs = max(self.max_batch_seqs, len(out.seqs))
         self.max_batch_tokens = max(self.max_batch_tokens, out.num_batched_tokens)
+        key = ("mixed" if out.num_prefill_tokens else "decode", _bucket(len(out.seqs)))
+        acc = self._by_batch.get(key)
+        if acc is None:
+            self._by_batch[key] = [1, seconds]
+        else:
+            acc[0] += 1
+            acc[1] += seconds
         self._kv_util_sum += mgr.kv_utilization()
         usage = mgr.usage
         self._usage_sum += usage
@@ -103,11 +124,26 @@ class EngineMetrics:
             "swapped_in_blocks": s.num_swapped_in_blocks - self._base_swapped_in,
             "mean_ttft_s": mean(self._ttft),
             "mean_latency_s": mean(self._latency),
+            "steps_by_batch": self.steps_by_batch(),
         }
+
+    def steps_by_batch(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Where the run's time went: per kind of step (``decode``: decode rows only; ``mixed``: with
+        prompt tokens) and batch-size bucket (``"16-31"`` sequences), its steps, their total seconds
+        and mean milliseconds (a step's time is from its launch, or the previous step's completion
+        if later, to its completion)."""
+        res: dict[str, dict[str, dict[str, float]]] = {}
+        for (kind, lo), (n, sec) in sorted(self._by_batch.items()):
+            hi = _BUCKET_EDGES[_BUCKET_EDGES.index(lo) + 1] - 1 if lo != _BUCKET_EDGES[-1] else None
+            name = f"{lo}-{hi}" if hi is not None else f"{lo}+"
+            res.setdefault(kind, {})[name] = {"steps": int(n), "seconds": sec, "ms_mean": sec / n * 1e3}
+        return res
 
     def table(self) -> str:
         rows = []
         for k, v in self.summary().items():
+            if isinstance(v, dict):
+                continue  # (steps_by_batch: in summary() only)
             if v is None:
                 text = "-"
             elif isinstance(v, float):

@@ -72,6 +72,10 @@ def test_greedy_matches_hf_generate(llama, greedy_case, variant):
         assert s["swapped_out_blocks"] > 0 and s["swapped_in_blocks"] > 0
     if variant == "chunked_prefill":
         assert s["max_batch_tokens"] <= 16
+    by_batch = s["steps_by_batch"]
+    assert sum(b["steps"] for kind in by_batch.values() for b in kind.values()) == s["steps"]
+    assert set(by_batch) <= {"decode", "mixed"} and by_batch["mixed"] and by_batch["decode"]
+    assert all(b["seconds"] > 0 for kind in by_batch.values() for b in kind.values())
     _assert_no_leak(llm)
 
 
