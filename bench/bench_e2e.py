@@ -179,19 +179,19 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
         st("hf_generate", "hf_generate", wl.subset(sg, n_gen), 45 if first else 50, 30, batch_size=32)
         if first:
             settings = [["n", 1], ["n", 2], ["n", 4], ["n", 6], ["beam", 2], ["beam", 4], ["beam", 6]]
-            st("engine_sharing", "engine_sharing", wl.subset(al, n_sharing), 75, 30, settings=settings)
+            # blocks saved by sharing (a memory figure): no compiled blocks, to save their start-up
+            st("engine_sharing", "engine_sharing", wl.subset(al, n_sharing), 75, 30, settings=settings,
+               engine_overrides=dict(compile_decode=False))
             st("engine_latency", "engine_latency", sg, 80, 30, prio=1, rates=rates,
                arrival_window_s=4 if dry else 8)
             st("engine_alpaca", "engine", wl.subset(al, n_alp), 45, 25, prio=1)
-            # compile_decode's start-up (~2 min on the 1.1B shape) does not fit the 10-minute run:
-            # only when asked for by --stages
-            st("engine_profile_compiled", "engine_profile", sg, 240, 60, prio=1, num_steps=30, optional=True,
-               engine_overrides=dict(compile_decode=True))
+            # decoder blocks not compiled (compile_decode is the default): only when asked for by --stages
+            st("engine_profile_uncompiled", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
+               engine_overrides=dict(compile_decode=False))
             st("engine_profile_threaded", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
                engine_overrides=dict(threaded_graph_launch=True))
-            # compiled blocks end to end (start-up ~25 s more): only when asked for by --stages
-            st("engine_sharegpt_compiled", "engine", sg, 150, 60, prio=1, optional=True,
-               engine_overrides=dict(compile_decode=True))
+            st("engine_sharegpt_uncompiled", "engine", sg, 120, 40, prio=1, optional=True,
+               engine_overrides=dict(compile_decode=False))
             st("engine_profile_sync", "engine_profile", sg, 90, 40, prio=3, num_steps=30,
                engine_overrides=dict(async_scheduling=False))
             st("engine_profile_eager", "engine_profile", sg, 90, 40, prio=3, num_steps=30,

@@ -23,7 +23,7 @@ from pagedattn.integrations.engine.sampling import apply_top_k_top_p
     (dict(preemption_mode="evict"), ValueError, "preemption_mode"),
     (dict(enable_chunked_prefill=1), TypeError, "enable_chunked_prefill"),
     (dict(watermark=1.0), ValueError, "watermark"),
-    (dict(enable_chunked_prefill=False, max_model_len=4096), ValueError, "max_num_batched_tokens"),
+    (dict(enable_chunked_prefill=False, max_model_len=16384), ValueError, "max_num_batched_tokens"),
 ])
 def test_engine_config_errors_name_the_field(kwargs, exc, field):
     with pytest.raises(exc, match=f"EngineConfig.{field}"):
@@ -32,7 +32,7 @@ def test_engine_config_errors_name_the_field(kwargs, exc, field):
 
 def test_engine_config_defaults_and_overrides():
     cfg = EngineConfig()
-    assert (cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens) == (16, 256, 2048)
+    assert (cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens) == (16, 256, 8192)
     assert cfg.enable_chunked_prefill and cfg.enable_prefix_caching
     assert cfg.preemption_mode == "recompute" and cfg.num_gpu_blocks is None
     cfg2 = EngineConfig.from_kwargs(cfg, block_size=8)
