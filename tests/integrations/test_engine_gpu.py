@@ -81,7 +81,8 @@ def test_decode_cuda_graphs_match_eager_and_hf(tmp_path, arch):
                 for p in ps]
     del hf
     params = SamplingParams(temperature=0, max_tokens=40)
-    graphed = LLM(path, num_gpu_blocks=256, max_num_seqs=16, max_num_batched_tokens=256)
+    # uncompiled blocks here (compile_decode, the default, is test_compiled_decode_graphs_match_hf's)
+    graphed = LLM(path, num_gpu_blocks=256, max_num_seqs=16, max_num_batched_tokens=256, compile_decode=False)
     eager = LLM(path, num_gpu_blocks=256, max_num_seqs=16, max_num_batched_tokens=256, enforce_eager=True)
     assert eager.engine.decode_graphs is None
     graphs = graphed.engine.decode_graphs
