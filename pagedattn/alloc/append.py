@@ -8,10 +8,13 @@ that an append fills is hashed and registered in the prefix cache.
 :meth:`AppendMixin.append_slots_batch` is the decode-step fast path: numpy over the batch, Python
 only for the few sequences that need a new block, a copy-on-write check or a block hash.
 
-With an engine that schedules step ``t + 1`` while the GPU still samples step ``t``, a decode
-append can name its token :data:`PENDING_TOKEN`: the slot is appended as usual, and the block it
-fills is hashed once :meth:`AppendMixin.set_last_tokens` gives the real id (which must come before
-the sequence's next append, fork or swap-out).
+With an engine that schedules step ``t + 1`` while the GPU still samples step ``t`` (or runs
+several decode steps from one schedule), a decode append can name its token :data:`PENDING_TOKEN`:
+the slot is appended as usual, and the block it fills is hashed once
+:meth:`AppendMixin.set_last_tokens` gives the real ids, oldest first. A sequence may hold several
+pending tokens (always its last ones: a known token cannot follow a pending one); a full block
+that still has pending tokens keeps a copy of its token ids until they are all given. Fork and
+swap-out wait for every pending token to be given.
 
 These methods are mixed into :class:`~pagedattn.alloc.block_manager.BlockManager`.
 """
@@ -130,9 +133,10 @@ class AppendMixin:
         or a full-block hash (about 2 in ``block_size``) run Python code.
 
         Args:
-            seq_ids: distinct running sequences (none with a pending last token).
+            seq_ids: distinct running sequences.
             token_ids: one new token id per sequence; :data:`PENDING_TOKEN` where it is not known
-                yet (the sequence's block it fills is then hashed by :meth:`set_last_tokens`).
+                yet (the sequence's block it fills is then hashed by :meth:`set_last_tokens`), and
+                always for a sequence that already has pending tokens.
 
         Returns:
             Copy-on-write pairs ``[(src_block_id, dst_block_id)]`` for the engine's copy op.
@@ -147,13 +151,16 @@ class AppendMixin:
             raise InvalidArgumentError(f"token_ids has {tokens.shape[0]} tokens for "
                                        f"{rows.shape[0]} sequences; expected one per sequence")
         bs, arrays, pool, row_seqs = self.block_size, self.arrays, self.gpu_pool, self._row_seqs
-        if arrays.num_pending and arrays.pending[rows].any():
-            self._check_not_pending(row_seqs[int(rows[arrays.pending[rows]][0])], "append to")
         pending = tokens == PENDING_TOKEN
         any_pending = bool(pending.any())
         caching = self.enable_prefix_caching
         pos = arrays.num_tokens[rows]
         off = pos % bs
+        had_pending = arrays.pending[rows] > 0 if arrays.num_pending else None
+        if had_pending is not None and (had_pending & ~pending).any():
+            seq = row_seqs[int(rows[had_pending & ~pending][0])]
+            raise InvalidArgumentError(f"cannot append a known token to sequence {seq.seq_id!r}: its last "
+                                       f"token is pending (append PENDING_TOKEN, or call set_last_tokens first)")
         flagged = arrays.num_maybe_shared > 0
         maybe_shared = arrays.maybe_shared[rows] if flagged else None
         # Python runs only for the slow rows: a new block (offset 0), a block this token fills
@@ -183,6 +190,12 @@ class AppendMixin:
             pool.check_available(num_new + num_copies,
                                  f"append a token to each of {rows.shape[0]} sequences")
         # -- mutation starts here: nothing below can fail.
+        # A full last block with pending tokens is hashed later: keep its token ids before the
+        # new block's tokens take the row.
+        kept: dict[int, np.ndarray] = {}
+        if caching and had_pending is not None:
+            for r in rows[had_pending & (off == 0)].tolist():
+                kept[r] = arrays.last_block_tokens[r].copy()
         arrays.last_block_tokens[rows, off] = tokens
         arrays.num_tokens[rows] = pos + 1
         # Blocks are handed out in batch order and claimed one by one, so block ids, pairs and
@@ -192,11 +205,15 @@ class AppendMixin:
         new_rows, new_cols, new_ids = [], [], []
         lbt, claim, width = arrays.last_block_tokens, pool.claim_block, arrays.width
         if any_pending:
-            arrays.pending[rows[pending]] = True
+            arrays.pending[rows[pending]] += 1
             arrays.num_pending += int(pending.sum())
         for j, (r, o, m) in enumerate(zip(slow_rows, slow_offs, slow_shared)):
             seq = row_seqs[r]
             if o == 0:
+                if kept and r in kept:
+                    if seq.unhashed is None:
+                        seq.unhashed = []
+                    seq.unhashed.append((seq.blocks[-1], kept[r]))
                 block = next(free_blocks)
                 claim(block)
                 new_rows.append(r)
@@ -219,19 +236,21 @@ class AppendMixin:
         return pairs
 
     def set_last_tokens(self, seq_ids: Sequence[Hashable], token_ids: Sequence[int] | np.ndarray) -> None:
-        """Give the ids of tokens appended as :data:`PENDING_TOKEN`, one per sequence.
+        """Give the ids of tokens appended as :data:`PENDING_TOKEN`: each sequence's oldest
+        pending token, one per sequence (with one pending token, its last token).
 
-        Each sequence's last token becomes the given id; a block that token filled is hashed and
-        registered in the prefix cache now (its chain continues from it).
+        A block whose tokens are then all known is hashed and registered in the prefix cache (its
+        chain continues from it); blocks are hashed in chain order, since tokens are given oldest
+        first.
 
         Args:
-            seq_ids: distinct live sequences whose last token is pending.
+            seq_ids: distinct live sequences with at least one pending token.
             token_ids: one known token id per sequence.
 
         Raises:
             UnknownSequenceError / FreedSequenceError: a sequence is not live.
-            InvalidArgumentError: repeated ids, a length mismatch, a sequence whose last token is
-                not pending, or a pending token id given. On any error nothing changes.
+            InvalidArgumentError: repeated ids, a length mismatch, a sequence with no pending
+                token, or a pending token id given. On any error nothing changes.
         """
         rows = self._rows_for(seq_ids, "set the last token of")
         tokens = as_token_array(token_ids, "token_ids")
@@ -239,25 +258,41 @@ class AppendMixin:
             raise InvalidArgumentError(f"token_ids has {tokens.shape[0]} tokens for "
                                        f"{rows.shape[0]} sequences; expected one per sequence")
         arrays, bs = self.arrays, self.block_size
-        not_pending = ~arrays.pending[rows]
-        if not_pending.any():
-            seq = self._row_seqs[int(rows[not_pending][0])]
-            raise InvalidArgumentError(f"sequence {seq.seq_id!r} has no pending last token to set")
+        count = arrays.pending[rows]
+        if (count == 0).any():
+            seq = self._row_seqs[int(rows[count == 0][0])]
+            raise InvalidArgumentError(f"sequence {seq.seq_id!r} has no pending token to set")
         if (tokens == PENDING_TOKEN).any():
             raise InvalidArgumentError("token_ids must be known ids, not PENDING_TOKEN")
-        off = (arrays.num_tokens[rows] - 1) % bs
-        arrays.last_block_tokens[rows, off] = tokens
-        arrays.pending[rows] = False
+        n = arrays.num_tokens[rows]
+        oldest = n - count                          # position of each sequence's oldest pending token
+        in_last = oldest >= (n - 1) // bs * bs      # it lies in the sequence's last block
+        off = oldest % bs
+        if in_last.all():
+            arrays.last_block_tokens[rows, off] = tokens
+        else:
+            arrays.last_block_tokens[rows[in_last], off[in_last]] = tokens[in_last]
+        arrays.pending[rows] = count - 1
         arrays.num_pending -= rows.shape[0]
-        if self.enable_prefix_caching:
-            for r in rows[off == bs - 1].tolist():
-                seq = self._row_seqs[r]
-                self._cache_full_block(seq, seq.blocks[-1], arrays.last_block_tokens[r])
+        if not self.enable_prefix_caching:
+            return
+        for i in np.flatnonzero(~in_last | (off == bs - 1)).tolist():
+            seq = self._row_seqs[int(rows[i])]
+            if in_last[i]:  # the last block is full and now known
+                self._cache_full_block(seq, seq.blocks[-1], arrays.last_block_tokens[seq.row])
+                continue
+            block, kept = seq.unhashed[0]  # the oldest pending token is in the oldest kept block
+            kept[off[i]] = tokens[i]
+            if off[i] == bs - 1:
+                del seq.unhashed[0]
+                if not seq.unhashed:
+                    seq.unhashed = None
+                self._cache_full_block(seq, block, kept)
 
     def _check_not_pending(self, seq: SequenceState, action: str) -> None:
         if self.arrays.pending[seq.row]:
-            raise InvalidArgumentError(f"cannot {action} sequence {seq.seq_id!r}: its last token is "
-                                       f"pending (call set_last_tokens first)")
+            raise InvalidArgumentError(f"cannot {action} sequence {seq.seq_id!r}: it has pending "
+                                       f"tokens (call set_last_tokens first)")
 
     def _add_blocks(self, seq: SequenceState, blocks: list[KVCacheBlock]) -> None:
         if blocks:

@@ -63,6 +63,9 @@ class SequenceState:
         extra_keys: its encoded extra keys (salt, adapter id), hashed into every block.
         last_hash: hash of its last full block (the root hash while it has none).
         swapped: whether its blocks are in the CPU pool.
+        unhashed: full blocks not hashed yet because some of their tokens are pending, oldest
+            first, each with a copy of its token ids (pending ones filled in by
+            ``set_last_tokens``); ``None`` when there are none.
     """
 
     seq_id: Hashable
@@ -71,6 +74,7 @@ class SequenceState:
     extra_keys: bytes
     last_hash: bytes
     swapped: bool = False
+    unhashed: list[tuple[KVCacheBlock, np.ndarray]] | None = None
 
 
 class BlockManager(AppendMixin, SwapMixin, FiguresMixin):

@@ -123,10 +123,17 @@ def check_invariants(manager: BlockManager) -> None:
                 _fail(f"sequence {seq_id!r}: cached block {block.block_id} does not chain from "
                       f"its parent")
             parent = block.block_hash
-        if manager.enable_prefix_caching and full and seq.blocks[full - 1].block_key is not None \
-                and seq.last_hash != seq.blocks[full - 1].block_hash \
-                and not (arrays.pending[seq.row] and n % bs == 0):
-            _fail(f"sequence {seq_id!r}: last_hash is not the hash of its last full block")
+        # blocks whose tokens are all known (pending tokens are a sequence's last ones)
+        known_full = (n - int(arrays.pending[seq.row])) // bs
+        if manager.enable_prefix_caching and known_full and seq.blocks[known_full - 1].block_key is not None \
+                and seq.last_hash != seq.blocks[known_full - 1].block_hash:
+            _fail(f"sequence {seq_id!r}: last_hash is not the hash of its last known full block")
+        # full blocks with pending tokens, but the last block (its tokens are in the row), wait
+        # in `unhashed` with a copy of their tokens
+        waiting = [b.block_id for b in seq.blocks[known_full:full - (n % bs == 0)]]
+        kept = [b.block_id for b, _ in seq.unhashed or ()]
+        if kept != (waiting if manager.enable_prefix_caching else []) or seq.unhashed == []:
+            _fail(f"sequence {seq_id!r}: blocks {kept} wait to be hashed, expected {waiting}")
         if not seq.swapped and n % bs and not arrays.maybe_shared[seq.row] \
                 and seq.blocks[-1].ref_cnt != 1:
             _fail(f"sequence {seq_id!r}: last block shared but not flagged for copy-on-write")
@@ -138,8 +145,8 @@ def check_invariants(manager: BlockManager) -> None:
         if seq is None or seq.swapped or int(arrays.num_tokens[row]) % bs == 0:
             _fail(f"row {row} is flagged maybe_shared without a partly filled last block on the GPU")
     pending = {int(r) for r in arrays.pending.nonzero()[0]}
-    if len(pending) != arrays.num_pending or not pending <= rows:
-        _fail(f"{len(pending)} pending flags set ({arrays.num_pending} counted), not all on live rows")
+    if int(arrays.pending.sum()) != arrays.num_pending or not pending <= rows or (arrays.pending < 0).any():
+        _fail(f"{int(arrays.pending.sum())} pending tokens ({arrays.num_pending} counted), not all on live rows")
     check_pool(manager.gpu_pool, gpu_holders)
     check_pool(manager.cpu_pool, cpu_holders)
     if len(manager._row_seqs) != len(manager._seqs):
@@ -165,7 +172,8 @@ def snapshot_state(manager: BlockManager) -> dict[str, Any]:
         seqs[seq_id] = (seq.row, [b.block_id for b in seq.blocks], seq.extra_keys, seq.last_hash,
                         seq.swapped, n, arrays.last_block_tokens[seq.row, : n % manager.block_size]
                         .tolist(), arrays.block_tables[seq.row].tolist(),
-                        bool(arrays.maybe_shared[seq.row]), bool(arrays.pending[seq.row]))
+                        bool(arrays.maybe_shared[seq.row]), int(arrays.pending[seq.row]),
+                        [(b.block_id, t.tolist()) for b, t in seq.unhashed or ()])
     return {
         "seqs": seqs,
         "gpu": _pool_state(manager.gpu_pool),

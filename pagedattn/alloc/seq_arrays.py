@@ -30,9 +30,9 @@ class SequenceArrays:
             shared, so appending to it needs no copy-on-write check. Set (``flag_maybe_shared``)
             only for a partly filled last block, on fork or swap-in; cleared by the next append.
         num_maybe_shared: number of set ``maybe_shared`` flags (0 lets a decode step skip them).
-        pending: bool ``[capacity]``; the sequence's last token was appended as
-            :data:`~pagedattn.alloc.append.PENDING_TOKEN` (its id not known yet).
-        num_pending: number of set ``pending`` flags.
+        pending: int32 ``[capacity]``, how many of the sequence's last tokens were appended as
+            :data:`~pagedattn.alloc.append.PENDING_TOKEN` (their ids not known yet).
+        num_pending: the sum of ``pending`` (0 lets a step skip the checks).
 
     Args:
         block_size: tokens per block.
@@ -50,7 +50,7 @@ class SequenceArrays:
         self.last_block_tokens = np.zeros((capacity, block_size), TOKEN_DTYPE)
         self.maybe_shared = np.zeros(capacity, bool)
         self.num_maybe_shared = 0
-        self.pending = np.zeros(capacity, bool)
+        self.pending = np.zeros(capacity, np.int32)
         self.num_pending = 0
         self._free_rows = list(range(capacity - 1, -1, -1))
         self._tables_changed()
@@ -91,8 +91,8 @@ class SequenceArrays:
         self.block_tables[row] = self.pad_block_id
         self.clear_maybe_shared(row)
         if self.pending[row]:
-            self.pending[row] = False
-            self.num_pending -= 1
+            self.num_pending -= int(self.pending[row])
+            self.pending[row] = 0
         self._free_rows.append(row)
 
     def flag_maybe_shared(self, row: int) -> None:
@@ -145,7 +145,7 @@ class SequenceArrays:
         self.last_block_tokens = np.concatenate(
             [self.last_block_tokens, np.zeros((new - old, self.block_size), TOKEN_DTYPE)])
         self.maybe_shared = np.concatenate([self.maybe_shared, np.zeros(new - old, bool)])
-        self.pending = np.concatenate([self.pending, np.zeros(new - old, bool)])
+        self.pending = np.concatenate([self.pending, np.zeros(new - old, np.int32)])
         self._free_rows.extend(range(new - 1, old - 1, -1))
         self._tables_changed()
 
