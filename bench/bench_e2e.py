@@ -192,6 +192,12 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
                engine_overrides=dict(threaded_graph_launch=True))
             st("engine_sharegpt_uncompiled", "engine", sg, 120, 40, prio=1, optional=True,
                engine_overrides=dict(compile_decode=False))
+            # multi-step decode (several decode steps a schedule): only when asked for by --stages
+            for k in (2, 4, 8):
+                st(f"engine_sharegpt_steps{k}", "engine", sg, 120, 40, prio=1, optional=True,
+                   engine_overrides=dict(num_scheduler_steps=k))
+            st("engine_profile_steps4", "engine_profile", sg, 90, 40, prio=1, num_steps=32, optional=True,
+               engine_overrides=dict(num_scheduler_steps=4))
             st("engine_profile_sync", "engine_profile", sg, 90, 40, prio=3, num_steps=30,
                engine_overrides=dict(async_scheduling=False))
             st("engine_profile_eager", "engine_profile", sg, 90, 40, prio=3, num_steps=30,

@@ -74,6 +74,12 @@ class EngineConfig:
             synchronously. A sequence that stops on a sampled token (EOS, stop token or string)
             has computed one more token by then, which is dropped. Needs a runner that fills in
             pending tokens (``ModelRunner`` does); the outputs are the same either way.
+        num_scheduler_steps: decode steps run from one schedule (multi-step decode; needs
+            ``async_scheduling``): when the batch is all decode rows (nothing waiting to be
+            admitted), each step's sampled ids feed the next on the device and the host
+            schedules, builds metadata and reads tokens once for all of them. 1: one step a
+            schedule. A sequence that stops on a sampled token may compute up to this many
+            extra tokens, which are dropped.
         threaded_graph_launch: with async scheduling, launch a decode step's CUDA graph from a
             worker thread (the launch releases the GIL) while the engine reads the previous
             step's tokens; off by default (an H100 step took 5.26 instead of 4.84 ms with it).
@@ -98,6 +104,7 @@ class EngineConfig:
     compile_decode: bool = True
     async_scheduling: bool = True
     threaded_graph_launch: bool = False
+    num_scheduler_steps: int = 1
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, 1)
@@ -123,6 +130,7 @@ class EngineConfig:
         if self.watermark >= 1.0:
             raise ValueError(f"EngineConfig.watermark must be < 1, got {self.watermark}")
         _check_int("seed", self.seed, 0)
+        _check_int("num_scheduler_steps", self.num_scheduler_steps, 1)
         if self.max_num_batched_tokens < self.max_num_seqs:
             # A step must be able to give every running sequence its decode token.
             raise ValueError(f"EngineConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) "

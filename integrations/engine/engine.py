@@ -9,12 +9,17 @@ from typing import Any, Callable
 import torch
 from pagedattn.integrations.engine.beam import beam_step
 from pagedattn.integrations.engine.config import EngineConfig
-from pagedattn.integrations.engine.launched import LaunchedStep, build_step_input
+from pagedattn.integrations.engine.launched import (
+    LaunchedChain,
+    LaunchedStep,
+    build_step_input,
+    build_substep_input,
+)
 from pagedattn.integrations.engine.metrics import EngineMetrics
 from pagedattn.integrations.engine.outputs import OutputBuilder
-from pagedattn.integrations.engine.runner import make_runner, maybe_capture_graphs, model_limits
+from pagedattn.integrations.engine.runner import StepInput, make_runner, maybe_capture_graphs, model_limits
 from pagedattn.integrations.engine.sampling import Sampler, SamplingParams
-from pagedattn.integrations.engine.scheduler import Scheduler, SchedulerOutput
+from pagedattn.integrations.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from pagedattn.integrations.engine.sequence import (
     RequestOutput,
     Sequence,
@@ -63,12 +68,13 @@ class LLMEngine:
         self.outputs = OutputBuilder(tokenizer)
         self._groups: dict[str, SequenceGroup] = {}
         self._order = itertools.count()
-        #: the launched step whose tokens are not read yet (async scheduling)
-        self._inflight: LaunchedStep | None = None
+        #: the launched steps whose tokens are not read yet (async scheduling)
+        self._inflight: LaunchedChain | None = None
         self._last_complete = 0.0
         self._can_overlap = cfg.async_scheduling and bool(getattr(self.runner, "supports_pending_tokens", False))
         self._threaded_launch = (self._can_overlap and cfg.threaded_graph_launch
                                  and callable(getattr(self.runner, "execute_async", None)))
+        self._num_steps = cfg.num_scheduler_steps if self._can_overlap else 1
         #: whether step() also returns unfinished requests' outputs (False: finished ones only)
         self.stream_outputs = True
 
@@ -130,9 +136,9 @@ class LLMEngine:
         """
         results: list[RequestOutput] = []
         inflight, self._inflight = self._inflight, None
-        out = self.scheduler.schedule(allow_preemption=inflight is None)
+        out = self.scheduler.schedule(allow_preemption=inflight is None, num_steps=self._num_steps)
         if out.is_empty and inflight is not None:
-            results += self._complete(inflight, None)
+            results += self._complete_chain(inflight, None)
             inflight = None
             ignored = out.ignored  # (requests the first call finished with an error)
             out = self.scheduler.schedule()
@@ -155,20 +161,26 @@ class LLMEngine:
         # threaded_graph_launch, while a worker thread is still launching its CUDA graph).
         def read_inflight(pending: list[tuple[Sequence, int]]) -> None:
             if inflight is not None:
-                results.extend(self._complete(inflight, pending))
+                results.extend(self._complete_chain(inflight, pending))
 
         launched = self._launch(out, inflight, read_inflight)
         if launched.overlappable and not out.stalled:
             self._inflight = launched
         else:
-            results += self._complete(launched, None)
+            results += self._complete_chain(launched, None)
         return results
 
-    def _launch(self, out: SchedulerOutput, prev: LaunchedStep | None,
-                while_running: Callable[[list[tuple[Sequence, int]]], None]) -> LaunchedStep:
+    def _launch(self, out: SchedulerOutput, prev: LaunchedChain | None,
+                while_running: Callable[[list[tuple[Sequence, int]]], None]) -> LaunchedChain:
         """Start the step's forward, call ``while_running(pending inputs)``, then queue its
-        sampling; no host sync."""
+        sampling; no host sync. A multi-step schedule queues every step's forward and sampling
+        before ``while_running``."""
         step_input, pending = build_step_input(out, self.block_manager, prev)
+        if out.num_steps > 1:
+            logits = self.runner.execute(step_input)
+            chain = self._launch_steps(out, step_input, pending, logits)
+            while_running(pending)
+            return chain
         if self._threaded_launch:
             get_logits = self.runner.execute_async(step_input)
             while_running(pending)
@@ -226,8 +238,65 @@ class LLMEngine:
             for (_, seq), c in zip(targets, counted):
                 if c:
                     seq.num_pending += 1
-        return LaunchedStep(out, sample, targets, counted, beams, list(touched.values()),
-                            logits if beams else None, pending, overlappable, time.perf_counter())
+        return LaunchedChain([LaunchedStep(out, sample, targets, counted, beams, list(touched.values()),
+                                           logits if beams else None, pending, overlappable, time.perf_counter())])
+
+    def _launch_steps(self, out: SchedulerOutput, first: StepInput, pending: list[tuple[Sequence, int]],
+                      logits: torch.Tensor) -> LaunchedChain:
+        """Queue the sampling of a multi-step schedule's step 0 (its forward queued), then each
+        later step's forward (its inputs step ``j - 1``'s samples) and sampling."""
+        max_len = self.max_model_len if self.max_model_len is not None else float("inf")
+        now = time.monotonic()
+        block_size = self.block_manager.block_size
+        steps: list[LaunchedStep] = []
+        rows: list[ScheduledSeq] = out.seqs
+        prev: LaunchedStep | None = None
+        for j in range(out.num_steps):
+            if j:
+                rows = [x for x in rows if x.num_steps > j]
+                step_input, pending = build_substep_input(out, first, block_size, j, prev)
+                logits = self.runner.execute(step_input)
+                sub = SchedulerOutput(seqs=rows, num_batched_tokens=len(rows), num_decode_tokens=len(rows))
+                sample_rows = [i for i, x in enumerate(out.seqs) if x.num_steps > j]
+            else:
+                sub, sample_rows = out, None
+            params = [x.group.params for x in rows]
+            gens = [x.group.generator for x in rows]
+            sample = self.sampler.launch(logits, params, gens, sample_rows)
+            targets, counted, touched = [], [], {}
+            for x in rows:
+                g, seq = x.group, x.seq
+                if not j:
+                    if g.first_scheduled_time is None:
+                        g.first_scheduled_time = now
+                    seq.num_computed_tokens = x.num_computed + x.num_steps
+                targets.append((g, seq))
+                touched[id(g)] = g
+                # the sample after position num_computed + j: pending unless the sequence's last
+                computed = x.num_computed + j + 1
+                c = not (computed + 1 - seq.prompt_len >= g.params.max_tokens or computed + 1 >= max_len)
+                counted.append(c)
+                seq.num_pending += c
+            prev = LaunchedStep(sub, sample, targets, counted, {}, list(touched.values()), None, pending,
+                                True, time.perf_counter())
+            steps.append(prev)
+        return LaunchedChain(steps)
+
+    def _complete_chain(self, chain: LaunchedChain, next_pending: list[tuple[Sequence, int]] | None
+                        ) -> list[RequestOutput]:
+        """:meth:`_complete` each step of ``chain`` in order; ``next_pending`` are the inputs of the
+        step launched after it that are its samples (``(seq, row of chain.ids())``)."""
+        steps = chain.steps
+        if len(steps) == 1:
+            return self._complete(steps[0], next_pending)
+        per_step = chain.split_pending(next_pending) if next_pending else None
+        results = []
+        for j, st in enumerate(steps):
+            feeds = list(steps[j + 1].pending) if j + 1 < len(steps) else []
+            if per_step is not None:
+                feeds += per_step[j]
+            results += self._complete(st, feeds)
+        return results
 
     def _complete(self, launched: LaunchedStep, next_pending: list[tuple[Sequence, int]] | None
                   ) -> list[RequestOutput]:

@@ -19,7 +19,7 @@ from pagedattn.integrations.engine.sequence import Sequence, SequenceGroup
 
 from pagedattn.alloc import BlockManager
 
-__all__ = ["LaunchedStep", "build_step_input"]
+__all__ = ["LaunchedChain", "LaunchedStep", "build_step_input", "build_substep_input"]
 
 
 @dataclass(slots=True, eq=False)
@@ -45,24 +45,81 @@ class LaunchedStep:
     pending: list[tuple[Sequence, int]]
     overlappable: bool
     start: float
+
+
+@dataclass(slots=True, eq=False)
+class LaunchedChain:
+    """The steps launched from one schedule, read in order: one step, or the decode steps of a
+    multi-step schedule (step ``j + 1``'s inputs are step ``j``'s samples).
+
+    Its samples, step after step, are one flat row space (:meth:`ids`, :meth:`sample_row`): the
+    next schedule's pending inputs name a sequence's last sample in it.
+    """
+
+    steps: list[LaunchedStep]
+    _ids: torch.Tensor | None = None
     _rows: dict[int, int] | None = None
+    _offsets: list[int] | None = None
+
+    @property
+    def overlappable(self) -> bool:
+        return all(st.overlappable for st in self.steps)
+
+    def _layout(self) -> None:
+        rows: dict[int, int] = {}
+        offsets, start = [], 0
+        for st in self.steps:
+            offsets.append(start)
+            for j, (_, seq) in enumerate(st.targets):
+                rows[seq.seq_id] = start + j  # a later step's sample replaces an earlier one
+            start += len(st.targets)
+        self._rows, self._offsets = rows, offsets
+
+    def ids(self) -> torch.Tensor:
+        """[R] int64 sampled ids of every step, on the device, step after step."""
+        if self._ids is None:
+            parts = [st.sample.ids for st in self.steps if st.sample is not None]
+            self._ids = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._ids
 
     def sample_row(self, seq: Sequence) -> int:
-        """The row of ``seq``'s sample in ``sample.ids``."""
+        """The row of ``seq``'s last sample in :meth:`ids`."""
         if self._rows is None:
-            self._rows = {s.seq_id: j for j, (_, s) in enumerate(self.targets)}
+            self._layout()
         return self._rows[seq.seq_id]
 
+    def split_pending(self, pending: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+        """``pending`` (``(seq, row in ids())``) per step, each row made the step's own."""
+        if self._offsets is None:
+            self._layout()
+        per: list[list[tuple[Sequence, int]]] = [[] for _ in self.steps]
+        offsets = self._offsets
+        for seq, row in pending:
+            k = len(offsets) - 1
+            while offsets[k] > row:
+                k -= 1
+            per[k].append((seq, row - offsets[k]))
+        return per
 
-def build_step_input(out: SchedulerOutput, block_manager: BlockManager, prev: LaunchedStep | None
+
+def build_step_input(out: SchedulerOutput, block_manager: BlockManager, prev: LaunchedChain | None
                      ) -> tuple[StepInput, list[tuple[Sequence, int]]]:
-    """The step's input on the host, and its pending inputs ``[(seq, row of prev's samples)]``:
-    sequences whose input token ``prev`` (still running) sampled, filled in on the device."""
+    """The step's input on the host (the first step of a multi-step schedule), and its pending
+    inputs ``[(seq, row of prev's samples)]``: sequences whose input token ``prev`` (still running)
+    sampled, filled in on the device."""
     seqs = out.seqs
     ids = [x.seq.seq_id for x in seqs]
     pending: list[tuple[Sequence, int]] = []
     src: list[int] = []
-    if out.num_prefill_tokens == 0:
+    if out.num_steps > 1:
+        # the slots of every step are appended: step 0 computes each sequence's first of them,
+        # its tables wide enough for the last step's
+        computed = np.fromiter((x.num_computed for x in seqs), np.int64, len(seqs))
+        ends = computed + np.fromiter((x.num_steps for x in seqs), np.int64, len(seqs))
+        width = -(-int(ends.max()) // block_manager.block_size)
+        meta = block_manager.build_metadata(ids, 1, computed, max_num_blocks=width)
+        max_q, num_tokens = 1, len(seqs)
+    elif out.num_prefill_tokens == 0:
         meta = block_manager.build_metadata(ids)
         max_q, num_tokens = 1, len(seqs)
     else:
@@ -97,6 +154,43 @@ def build_step_input(out: SchedulerOutput, block_manager: BlockManager, prev: La
         max_query_len=max_q,
         logits_indices=qsl[1:].to(torch.int64) - 1,
         pending_src=torch.tensor(src, dtype=torch.int64) if src else None,
-        prev_token_ids=prev.sample.ids if src else None,
+        prev_token_ids=prev.ids() if src else None,
+    )
+    return step, pending
+
+
+def build_substep_input(out: SchedulerOutput, first: StepInput, block_size: int, j: int,
+                        prev: LaunchedStep) -> tuple[StepInput, list[tuple[Sequence, int]]]:
+    """Step ``j >= 1`` of a multi-step schedule: every row's input is its sample of step ``j - 1``
+    (``prev``), at the next position, in the blocks ``first`` (step 0) names. Rows whose sequence
+    runs fewer steps are padding (no slot written, one key of their first block attended).
+
+    Returns:
+        The step's input on the host, and its pending inputs ``[(seq, row of prev's samples)]``.
+    """
+    seqs = out.seqs
+    num = len(seqs)
+    p = first.positions.numpy() + j
+    steps = np.fromiter((x.num_steps for x in seqs), np.int64, num)
+    alive = steps > j
+    tables = first.block_tables.numpy()
+    cols = np.minimum(p // block_size, tables.shape[1] - 1)
+    slots = tables[np.arange(num), cols].astype(np.int64) * block_size + p % block_size
+    # prev sampled the rows alive at step j - 1, in order: a row's sample is its rank among them
+    rank = np.cumsum(steps > j - 1) - 1
+    src = np.where(alive, rank, -1)
+    pending = [(seqs[i].seq, int(src[i])) for i in np.flatnonzero(alive).tolist()]
+    qsl = first.cu_seqlens_q
+    step = StepInput(
+        input_ids=torch.zeros(num, dtype=torch.int64),
+        positions=torch.from_numpy(np.where(alive, p, 0)),
+        slot_mapping=torch.from_numpy(np.where(alive, slots, -1)),
+        block_tables=first.block_tables,
+        seq_lens=torch.from_numpy(np.where(alive, p + 1, 1).astype(np.int32)),
+        cu_seqlens_q=qsl,
+        max_query_len=1,
+        logits_indices=first.logits_indices,
+        pending_src=torch.from_numpy(src),
+        prev_token_ids=prev.sample.ids,
     )
     return step, pending

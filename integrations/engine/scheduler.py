@@ -45,6 +45,8 @@ class ScheduledSeq:
     group: SequenceGroup
     num_new_tokens: int
     num_computed: int
+    #: decode steps the sequence runs from this schedule (more than 1: see ``SchedulerOutput.num_steps``)
+    num_steps: int = 1
 
     @property
     def samples(self) -> bool:
@@ -66,6 +68,10 @@ class SchedulerOutput:
     num_cached_tokens: int = 0
     #: a group that could run was left out because preemption was not allowed this step
     stalled: bool = False
+    #: decode steps run from this schedule (multi-step decode): sequence ``x`` computes its
+    #: positions ``x.num_computed .. x.num_computed + x.num_steps - 1``, one a step, each step's
+    #: input the previous step's sample; its slots are all appended now, pending but the first
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:
@@ -155,13 +161,19 @@ class Scheduler(AdmissionMixin):
     def _free(self) -> int:
         return self.mgr.num_free_blocks - self._reserved
 
-    def schedule(self, allow_preemption: bool = True) -> SchedulerOutput:
+    def schedule(self, allow_preemption: bool = True, num_steps: int = 1) -> SchedulerOutput:
         """The next step's batch.
 
         Args:
             allow_preemption: False while the previous step still runs (its sequences' sampled
                 tokens are pending): groups that would need a preemption wait instead, and the
                 output says so (``stalled``).
+            num_steps: the most decode steps to run from this schedule. More than one are given
+                only to a batch of decode rows alone (nothing in prefill, waiting or swapped out,
+                no preemption) whose groups sample one token a sequence from the engine's
+                generator or their own (no beams, no parallel samples sharing a generator), when
+                the blocks for ``num_steps`` tokens a sequence are free; a sequence runs fewer
+                steps when its ``max_tokens`` or the model's length end it sooner.
         """
         out = SchedulerOutput()
         self._reset_step()
@@ -191,7 +203,13 @@ class Scheduler(AdmissionMixin):
                 ids.append(s.seq_id)
                 tokens.append(s.token_ids[-1] if not s.num_pending else PENDING_TOKEN)
         if ids:
+            steps = self._multi_step_counts(out, ids, num_steps) if num_steps > 1 else None
             out.blocks_to_copy.extend(self.mgr.append_slots_batch(ids, tokens))
+            if steps is not None:
+                # the later steps' inputs are the earlier steps' samples: pending slots
+                for j in range(1, out.num_steps):
+                    more = [i for i, r in zip(ids, steps) if r > j]
+                    self.mgr.append_slots_batch(more, [PENDING_TOKEN] * len(more))
         out.num_decode_tokens = len(ids)
         out.seqs.extend(self._prefill)
         out.num_prefill_tokens = sum(x.num_new_tokens for x in self._prefill)
@@ -241,6 +259,32 @@ class Scheduler(AdmissionMixin):
         self._budget -= len(ids)
         self._seqs_left -= len(ids)
         return rest
+
+    def _multi_step_counts(self, out: SchedulerOutput, ids: list[int], num_steps: int) -> list[int] | None:
+        """Decode steps per sequence of ``out`` (all decode rows, in order) when this schedule may
+        run several (see :meth:`schedule`), setting ``num_steps`` on ``out`` and its rows; None
+        (one step) otherwise."""
+        if out.preempted or self._prefill or self.waiting or self.swapped or out.stalled:
+            return None
+        for x in out.seqs:
+            g = x.group
+            if g.beam is not None or not g.forked or (g.generator is not None and len(g.seqs) > 1):
+                return None
+        if self.mgr.num_blocks_to_append(ids, num_steps) > self.mgr.num_free_blocks:
+            return None
+        max_len = self.max_model_len
+        steps = []
+        for x in out.seqs:
+            # the sample after computing position p + j is a sequence's last when it holds
+            # max_tokens outputs or max_model_len tokens: run steps j = 0 .. that one
+            p, s = x.num_computed, x.seq
+            last = x.group.params.max_tokens + s.prompt_len - p - 2
+            if max_len is not None:
+                last = min(last, max_len - p - 2)
+            x.num_steps = r = max(1, min(num_steps, last + 1))
+            steps.append(r)
+        out.num_steps = max(steps)
+        return steps if out.num_steps > 1 else None
 
     def _decode_ready(self, g: SequenceGroup) -> bool:
         mgr, seqs = self.mgr, g.seqs

@@ -100,12 +100,15 @@ class DecodeGraphs:
         device: the CUDA device of the model and caches.
         min_batch: the smallest graph (2 for compiled blocks: a batch of 1 would compile them
             again for that size; one sequence then runs padded to two rows).
+        num_steps: the most steps launched before the host waits for any (multi-step decode):
+            the previous step's samples a step may read (``prev_token_ids``) hold up to
+            ``num_steps * max_num_seqs`` rows, and that many steps' host staging buffers rotate.
     """
 
     def __init__(self, forward: ForwardFn, kv_caches: Optional[list[tuple[torch.Tensor, torch.Tensor]]],
                  block_size: int,
                  max_num_seqs: int, max_model_len: int, vocab_size: int, device: torch.device,
-                 min_batch: int = 1):
+                 min_batch: int = 1, num_steps: int = 1):
         if torch.device(device).type != "cuda":
             raise RuntimeError(f"CUDA graphs need a CUDA device, got {device}")
         if max_model_len < 1 or block_size < 1 or vocab_size < 1:
@@ -126,15 +129,17 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.slot_mapping, self.pending_src = self._ids_pos_slots.unbind(0)
         self.slot_mapping.fill_(-1)
         self.pending_src.fill_(-1)
-        self.prev_ids = torch.zeros(n, dtype=i64, device=device)
+        self.prev_ids = torch.zeros(n * max(1, num_steps), dtype=i64, device=device)
         self.block_tables = torch.zeros((n, w), dtype=i32, device=device)
         self.seq_lens = torch.ones(n, dtype=i32, device=device)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=i32, device=device)
-        # Pinned host staging of the same, so host-built steps upload without a synchronous copy.
-        self._host_ids_pos_slots = torch.zeros((4, n), dtype=i64, pin_memory=True)
-        self._host_block_tables = torch.zeros((n, w), dtype=i32, pin_memory=True)
-        self._host_seq_lens = torch.ones(n, dtype=i32, pin_memory=True)
-        self._uploaded = torch.cuda.Event()
+        # Pinned host staging of the same, so host-built steps upload without a synchronous copy;
+        # a ring of them, so that several steps can be queued before the first has uploaded.
+        self._staging = [(torch.zeros((4, n), dtype=i64, pin_memory=True),
+                          torch.zeros((n, w), dtype=i32, pin_memory=True),
+                          torch.ones(n, dtype=i32, pin_memory=True), torch.cuda.Event())
+                         for _ in range(max(2, 2 * num_steps))]
+        self._next_staging = 0
         self.logits = torch.empty((n, vocab_size), dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool_bytes = 0
@@ -241,8 +246,9 @@ class DecodeGraphs:
         if prev is not None:  # (bucket() checked that it fits)
             self.prev_ids[:prev.shape[0]].copy_(prev, non_blocking=True)
         if step.input_ids.device.type == "cpu":
-            self._uploaded.synchronize()  # the previous step's uploads have left the staging buffers
-            host = self._host_ids_pos_slots
+            host, host_tables, host_lens, uploaded = self._staging[self._next_staging]
+            self._next_staging = (self._next_staging + 1) % len(self._staging)
+            uploaded.synchronize()  # the uploads of this buffer's last use have left it
             host[0, :s] = step.input_ids
             host[1, :s] = step.positions
             host[2, :s] = step.slot_mapping
@@ -250,14 +256,14 @@ class DecodeGraphs:
             host[3, :batch] = -1  # no pending token, but where the step names them
             if step.pending_src is not None:
                 host[3, :s] = step.pending_src
-            self._host_seq_lens[:s] = step.seq_lens
-            self._host_seq_lens[s:batch] = 1
-            self._host_block_tables[:s, :width] = step.block_tables
-            self._host_block_tables[s:batch, 0] = 0
+            host_lens[:s] = step.seq_lens
+            host_lens[s:batch] = 1
+            host_tables[:s, :width] = step.block_tables
+            host_tables[s:batch, 0] = 0
             self._ids_pos_slots[:, :batch].copy_(host[:, :batch], non_blocking=True)
-            self.seq_lens[:batch].copy_(self._host_seq_lens[:batch], non_blocking=True)
-            self.block_tables[:batch, :width].copy_(self._host_block_tables[:batch, :width], non_blocking=True)
-            self._uploaded.record()
+            self.seq_lens[:batch].copy_(host_lens[:batch], non_blocking=True)
+            self.block_tables[:batch, :width].copy_(host_tables[:batch, :width], non_blocking=True)
+            uploaded.record()
         else:
             self.input_ids[:s].copy_(step.input_ids)
             self.positions[:s].copy_(step.positions)

@@ -171,7 +171,8 @@ class ModelRunner:
         logits = self.execute(step)
         return lambda: logits
 
-    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, compile: bool = False) -> DecodeGraphs:
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, compile: bool = False,
+                              num_steps: int = 1) -> DecodeGraphs:
         """Capture the decode step in CUDA graphs for batches of up to ``max_num_seqs`` sequences of
         up to ``max_model_len`` tokens (CUDA only; the caches must be allocated).
 
@@ -180,6 +181,7 @@ class ModelRunner:
                 ``fullgraph=True, dynamic=True``: elementwise work fused, one trace shared by the
                 blocks and every batch size but 1) before capturing; other steps keep running
                 them eagerly.
+            num_steps: the most decode steps queued from one schedule (see :class:`DecodeGraphs`).
         """
         caches = self._cache().device_caches
         head = self.model.get_output_embeddings()
@@ -190,7 +192,7 @@ class ModelRunner:
         # the caches are bound to the attention modules while capturing (one compiled trace serves
         # every block); the graphs keep their addresses, the runner keeps them alive
         graphs = DecodeGraphs(self._graph_forward, None, self.block_size, max_num_seqs, max_model_len, vocab,
-                              self.device, min_batch=2 if compile else 1)
+                              self.device, min_batch=2 if compile else 1, num_steps=num_steps)
         with bound_kv_caches(self.model, caches):
             graphs.capture()
         self.decode_graphs = graphs

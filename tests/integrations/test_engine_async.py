@@ -29,9 +29,9 @@ def _watch(engine):
     seen = {"overlapped": 0, "pending_inputs": 0}
     schedule, execute = engine.scheduler.schedule, engine.runner.execute
 
-    def wrapped_schedule(allow_preemption=True):
+    def wrapped_schedule(allow_preemption=True, **kwargs):
         seen["overlapped"] += not allow_preemption  # (the engine's sign of a step in flight)
-        return schedule(allow_preemption)
+        return schedule(allow_preemption, **kwargs)
 
     def wrapped_execute(step):
         seen["pending_inputs"] += step.pending_src is not None

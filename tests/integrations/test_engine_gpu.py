@@ -117,14 +117,23 @@ def test_async_scheduling_on_cuda_matches_sync(case):
               SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[refs[0][5]])
               for i in range(len(prompts))]
     results = {}
-    for mode in ("sync", "async", "threaded"):
+    for mode in ("sync", "async", "threaded", "multistep"):
         llm = LLM(path, num_gpu_blocks=512, async_scheduling=mode != "sync",
-                  threaded_graph_launch=mode == "threaded")
+                  threaded_graph_launch=mode == "threaded", num_scheduler_steps=4 if mode == "multistep" else 1)
         assert llm.engine.decode_graphs is not None
+        schedule, multi = llm.engine.scheduler.schedule, []
+
+        def counted(*args, schedule=schedule, multi=multi, **kwargs):
+            out = schedule(*args, **kwargs)
+            multi.append(out.num_steps)
+            return out
+
+        llm.engine.scheduler.schedule = counted
         outs = llm.generate(prompts, params, use_tqdm=False)
         results[mode] = [o.outputs[0].token_ids for o in outs]
         assert llm.engine.decode_graphs.num_replays > 0
         assert (llm.engine.decode_graphs._worker is not None) == (mode == "threaded")
+        assert (max(multi) == 4) == (mode == "multistep")  # several graph replays from one schedule
         _no_leak(llm)
-    assert results["async"] == results["sync"] == results["threaded"]
+    assert results["async"] == results["sync"] == results["threaded"] == results["multistep"]
     assert results["sync"][0] == refs[0][:40]
