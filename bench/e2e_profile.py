@@ -119,8 +119,10 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
     eng.stream_outputs = False
     timer = _PhaseTimer(eng)
     n = min(len(w["prompts"]), eng.config.max_num_seqs)
+    per_call = eng.config.num_scheduler_steps  # decode steps an engine step runs (multi-step decode)
     for i, prompt in enumerate(w["prompts"][:n]):  # every request outlives the timed steps
-        eng.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=num_steps + 64, ignore_eos=True))
+        eng.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=(num_steps + 8) * per_call + 64,
+                                                       ignore_eos=True))
     while eng.scheduler.waiting or any(s.num_computed_tokens < len(s.token_ids) - 1
                                        for g in eng.scheduler.running for s in g.seqs):
         eng.step()
@@ -129,6 +131,7 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
     running = list(eng.scheduler.running)
     tokens = sum(len(s.token_ids) + s.num_pending for g in running for s in g.seqs)
     steps = []
+    replays_before = getattr(eng.decode_graphs, "num_replays", 0)
     timer.on = True
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
@@ -140,16 +143,25 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
             steps.append(time.perf_counter() - t)
         wall = time.perf_counter() - t_all
     timer.on = False
-    res = {"status": "ok", "batch_seqs": len(running), "context_tokens": tokens, "num_steps": num_steps,
-           "decode_step_ms": float(np.median(steps)) * 1e3, "decode_step_ms_p90": float(np.percentile(steps, 90)) * 1e3,
+    model_steps = num_steps * per_call
+    replays = getattr(eng.decode_graphs, "num_replays", 0) - replays_before
+    if eng.decode_graphs is not None and replays != model_steps:
+        raise RuntimeError(f"{replays} graph replays in {num_steps} engine steps of {per_call} decode steps")
+    # one decode step (one token a sequence): an engine step runs per_call of them
+    res = {"status": "ok", "batch_seqs": len(running), "context_tokens": tokens, "num_steps": model_steps,
+           "engine_steps": num_steps, "decode_steps_per_engine_step": per_call,
+           "decode_step_ms": float(np.median(steps)) * 1e3 / per_call,
+           "decode_step_ms_p90": float(np.percentile(steps, 90)) * 1e3 / per_call,
            "host_ms": timer.medians_ms(), "startup_s": startup_s,
            "engine_overrides": p.get("engine_overrides", {}), "cuda_graphs": eng.decode_graphs is not None,
            "graph_replays": getattr(eng.decode_graphs, "num_replays", 0), **_pool_info(llm), **_mem(dev)}
     if dev.startswith("cuda"):
         res["gpu_busy_fraction"] = busy_fraction(prof, wall)
-        res["top_gpu_ops"] = top_device_ops(prof, num_steps)
+        res["top_gpu_ops"] = top_device_ops(prof, model_steps)
         weights = sum(t.numel() * t.element_size() for t in eng.runner.model.parameters())
-        kv = tokens * eng.runner.kv_cache_bytes_per_block // eng.block_manager.block_size
+        # K/V read by a step: the context at the window's middle (it grows a token a step)
+        mid_tokens = tokens + len(running) * model_steps // 2
+        kv = mid_tokens * eng.runner.kv_cache_bytes_per_block // eng.block_manager.block_size
         rate = copy_rate_bytes_per_s()
         res.update(weight_bytes=weights, kv_bytes=kv, copy_rate_gb_s=rate / 1e9,
                    floor_ms=(weights + kv) / rate * 1e3)

@@ -31,6 +31,9 @@ from pagedattn.alloc import BlockManager, hash_prompt_blocks
 
 __all__ = ["LLMEngine"]
 
+#: sampling of the rows of a multi-step schedule's later steps whose sequence has ended
+_PADDING_PARAMS = SamplingParams(temperature=0.0)
+
 
 class LLMEngine:
     """Continuous batching over a paged KV cache (the vLLM paper's engine).
@@ -252,17 +255,20 @@ class LLMEngine:
         rows: list[ScheduledSeq] = out.seqs
         prev: LaunchedStep | None = None
         for j in range(out.num_steps):
+            sample_rows = None
             if j:
-                rows = [x for x in rows if x.num_steps > j]
+                sample_rows = [i for i, x in enumerate(out.seqs) if x.num_steps > j]
+                rows = [out.seqs[i] for i in sample_rows]
                 step_input, pending = build_substep_input(out, first, block_size, j, prev)
                 logits = self.runner.execute(step_input)
                 sub = SchedulerOutput(seqs=rows, num_batched_tokens=len(rows), num_decode_tokens=len(rows))
-                sample_rows = [i for i, x in enumerate(out.seqs) if x.num_steps > j]
             else:
-                sub, sample_rows = out, None
-            params = [x.group.params for x in rows]
-            gens = [x.group.generator for x in rows]
-            sample = self.sampler.launch(logits, params, gens, sample_rows)
+                sub = out
+            # every row is sampled (a row list would be one more upload): the rows that ended
+            # sooner greedily, without advancing a generator, their tokens dropped
+            params = [x.group.params if x.num_steps > j else _PADDING_PARAMS for x in out.seqs]
+            gens = [x.group.generator if x.num_steps > j else None for x in out.seqs]
+            sample = self.sampler.launch(logits, params, gens)
             targets, counted, touched = [], [], {}
             for x in rows:
                 g, seq = x.group, x.seq
@@ -278,7 +284,7 @@ class LLMEngine:
                 counted.append(c)
                 seq.num_pending += c
             prev = LaunchedStep(sub, sample, targets, counted, {}, list(touched.values()), None, pending,
-                                True, time.perf_counter())
+                                True, time.perf_counter(), sample_rows if len(rows) < len(out.seqs) else None)
             steps.append(prev)
         return LaunchedChain(steps)
 
@@ -319,15 +325,17 @@ class LLMEngine:
             counted = launched.counted
             toks, lps, tops = res.token_ids, res.logprobs, res.top_logprobs
             append = self._append_token
+            at = launched.rows
             for j, (g, seq) in enumerate(launched.targets):
                 if counted and counted[j]:
                     seq.num_pending -= 1
                 if seq.status.finished:  # it stopped on an earlier token, or was aborted
                     continue
+                r = at[j] if at is not None else j
                 if g.forked:
-                    append(g, seq, toks[j], lps[j], tops[j])
+                    append(g, seq, toks[r], lps[r], tops[r])
                 else:
-                    samples.setdefault(id(g), [g, seq]).append((toks[j], lps[j], tops[j]))
+                    samples.setdefault(id(g), [g, seq]).append((toks[r], lps[r], tops[r]))
                 num_new += 1
             for g, parent, *draws in samples.values():
                 # best_of samples of a prompt: fork its sequence (blocks shared, copy on write).

@@ -33,6 +33,8 @@ class LaunchedStep:
         overlappable: the next step may be scheduled before this one's tokens are read.
         pending: the step's inputs that were the previous step's pending tokens:
             ``(seq, row of the previous step's samples)``.
+        rows: per target, its row in the samples (None: target ``j`` is row ``j``; a later step
+            of a multi-step schedule samples every row, its targets only the rows still running).
     """
 
     out: SchedulerOutput
@@ -45,6 +47,7 @@ class LaunchedStep:
     pending: list[tuple[Sequence, int]]
     overlappable: bool
     start: float
+    rows: list[int] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -70,9 +73,11 @@ class LaunchedChain:
         offsets, start = [], 0
         for st in self.steps:
             offsets.append(start)
+            at = st.rows
             for j, (_, seq) in enumerate(st.targets):
-                rows[seq.seq_id] = start + j  # a later step's sample replaces an earlier one
-            start += len(st.targets)
+                # a later step's sample replaces an earlier one
+                rows[seq.seq_id] = start + (at[j] if at is not None else j)
+            start += st.sample.ids.shape[0] if st.sample is not None else 0
         self._rows, self._offsets = rows, offsets
 
     def ids(self) -> torch.Tensor:
@@ -176,9 +181,7 @@ def build_substep_input(out: SchedulerOutput, first: StepInput, block_size: int,
     tables = first.block_tables.numpy()
     cols = np.minimum(p // block_size, tables.shape[1] - 1)
     slots = tables[np.arange(num), cols].astype(np.int64) * block_size + p % block_size
-    # prev sampled the rows alive at step j - 1, in order: a row's sample is its rank among them
-    rank = np.cumsum(steps > j - 1) - 1
-    src = np.where(alive, rank, -1)
+    src = np.where(alive, np.arange(num), -1)  # prev sampled every row
     pending = [(seqs[i].seq, int(src[i])) for i in np.flatnonzero(alive).tolist()]
     qsl = first.cu_seqlens_q
     step = StepInput(

@@ -131,6 +131,14 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values, dtype)`` on ``device``; to a GPU through pinned memory, without the
+    stream sync that a copy from pageable memory makes (it would drain an async engine's queue)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 @dataclass(slots=True)
 class SamplerOutput:
     """Per sampled row: the token, its log-prob, and the top log-probs asked for (or ``None``)."""
@@ -219,7 +227,7 @@ class Sampler:
         if not params:
             return PendingSample(torch.empty(0, dtype=torch.int64, device=dev), None, None, params, 0)
         if rows is not None and (len(rows) != logits.shape[0] or rows != list(range(len(rows)))):
-            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))
+            logits = logits.index_select(0, to_device(rows, torch.long, dev))
         logits = logits.float()
         vocab = logits.shape[1]
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -249,8 +257,7 @@ class Sampler:
                 generators: list[torch.Generator | None] | None, greedy: list[bool],
                 vocab: int) -> torch.Tensor:
         dev = logits.device
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                             dtype=torch.float32, device=dev)
+        temps = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
         scaled = logits / temps[:, None]
         need_k = any(0 < p.top_k < vocab for p in params)
         need_p = any(p.top_p < 1.0 for p in params)
@@ -268,7 +275,7 @@ class Sampler:
                     q[i].exponential_(generator=gen)
         sampled = (probs / q).argmax(dim=-1)
         if any(greedy):
-            mask = torch.tensor(greedy, dtype=torch.bool, device=dev)
+            mask = to_device(greedy, torch.bool, dev)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
         return sampled
 
@@ -283,11 +290,11 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int] | None,
     dev, vocab = logits.device, logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     if top_k is not None:
-        k = torch.tensor(top_k, dtype=torch.long, device=dev).clamp_(1, vocab)
+        k = to_device(top_k, torch.long, dev).clamp_(1, vocab)
         rank = torch.arange(vocab, device=dev)
         sorted_logits = sorted_logits.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
     if top_p is not None:
-        p = torch.tensor(top_p, dtype=torch.float32, device=dev)
+        p = to_device(top_p, torch.float32, dev)
         probs = torch.softmax(sorted_logits, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
         drop = before >= p[:, None]

@@ -20,8 +20,10 @@ def kv_cache_bytes_per_block(spec: KVCacheSpec, block_size: int, dtype: torch.dt
 
 def _pairs_tensor(pairs: Sequence[tuple[int, int]], device) -> torch.Tensor:
     """[num_pairs, 2] int64 (src, dst) on ``device``."""
-    mapping = torch.tensor([list(p) for p in pairs], dtype=torch.int64).reshape(-1, 2)
-    return mapping.to(device, non_blocking=True) if torch.device(device).type != "cpu" else mapping
+    on_gpu = torch.device(device).type != "cpu"
+    # (pinned: a copy from pageable memory would wait for the device's queue to drain)
+    mapping = torch.tensor([list(p) for p in pairs], dtype=torch.int64, pin_memory=on_gpu).reshape(-1, 2)
+    return mapping.to(device, non_blocking=True) if on_gpu else mapping
 
 
 class PagedKVCache:
