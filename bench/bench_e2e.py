@@ -168,7 +168,7 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
         st("build", "build", wl.subset(sg, 0), 200 if big else 120, 60 if big else 20, model_name=name)
         st("engine_sharegpt", "engine", sg, 120, 50 if big else 40)
         if first:
-            st("engine_profile", "engine_profile", sg, 100, 40, num_steps=30)
+            st("engine_profile", "engine_profile", sg, 100, 40, num_steps=16)  # engine steps: 64 decode steps
         st("hf_cb_graphs", "hf_cb", wl.subset(sg, n_cb if first else max(n_cb // 2, 1)), 110 if first else 100,
            50, cb_config=dict(use_cuda_graph=True, use_async_batching=False, max_memory_percent=0.5))
         if first:
@@ -192,12 +192,13 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
                engine_overrides=dict(threaded_graph_launch=True))
             st("engine_sharegpt_uncompiled", "engine", sg, 120, 40, prio=1, optional=True,
                engine_overrides=dict(compile_decode=False))
-            # multi-step decode (several decode steps a schedule): only when asked for by --stages
-            for k in (2, 4, 8):
+            # other multi-step decode settings (the default runs 4 decode steps a schedule): only when
+            # asked for by --stages
+            for k in (1, 2, 8):
                 st(f"engine_sharegpt_steps{k}", "engine", sg, 120, 40, prio=1, optional=True,
                    engine_overrides=dict(num_scheduler_steps=k))
-            st("engine_profile_steps4", "engine_profile", sg, 90, 40, prio=1, num_steps=32, optional=True,
-               engine_overrides=dict(num_scheduler_steps=4))
+            st("engine_profile_steps1", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
+               engine_overrides=dict(num_scheduler_steps=1))
             st("engine_profile_sync", "engine_profile", sg, 90, 40, prio=3, num_steps=30,
                engine_overrides=dict(async_scheduling=False))
             st("engine_profile_eager", "engine_profile", sg, 90, 40, prio=3, num_steps=30,

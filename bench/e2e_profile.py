@@ -119,7 +119,7 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
     eng.stream_outputs = False
     timer = _PhaseTimer(eng)
     n = min(len(w["prompts"]), eng.config.max_num_seqs)
-    per_call = eng.config.num_scheduler_steps  # decode steps an engine step runs (multi-step decode)
+    per_call = eng.num_scheduler_steps  # decode steps an engine step runs (multi-step decode)
     for i, prompt in enumerate(w["prompts"][:n]):  # every request outlives the timed steps
         eng.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=(num_steps + 8) * per_call + 64,
                                                        ignore_eos=True))

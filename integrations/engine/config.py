@@ -77,9 +77,12 @@ class EngineConfig:
         num_scheduler_steps: decode steps run from one schedule (multi-step decode; needs
             ``async_scheduling``): when the batch is all decode rows (nothing waiting to be
             admitted), each step's sampled ids feed the next on the device and the host
-            schedules, builds metadata and reads tokens once for all of them. 1: one step a
-            schedule. A sequence that stops on a sampled token may compute up to this many
-            extra tokens, which are dropped.
+            schedules and builds metadata once for all of them. 1: one step a schedule. A
+            sequence that stops on a sampled token may compute up to this many extra tokens,
+            which are dropped; streamed outputs arrive this many tokens at a time. Default 4
+            (H100, 1.1B shape, same run: a 256-sequence decode step 3.24 instead of 3.74 ms,
+            GPU busy 0.91 instead of 0.69; ShareGPT-like output tokens/s 1.06x; 8 was no faster
+            than 1).
         threaded_graph_launch: with async scheduling, launch a decode step's CUDA graph from a
             worker thread (the launch releases the GIL) while the engine reads the previous
             step's tokens; off by default (an H100 step took 5.26 instead of 4.84 ms with it).
@@ -104,7 +107,7 @@ class EngineConfig:
     compile_decode: bool = True
     async_scheduling: bool = True
     threaded_graph_launch: bool = False
-    num_scheduler_steps: int = 1
+    num_scheduler_steps: int = 4
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, 1)

@@ -81,6 +81,12 @@ class LLMEngine:
         #: whether step() also returns unfinished requests' outputs (False: finished ones only)
         self.stream_outputs = True
 
+    @property
+    def num_scheduler_steps(self) -> int:
+        """The most decode steps one schedule runs (``config.num_scheduler_steps``, or 1 where
+        steps are not overlapped: ``async_scheduling`` off or a runner without pending tokens)."""
+        return self._num_steps
+
     # ---------------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int] | None = None,
                     sampling_params: SamplingParams | None = None, *,

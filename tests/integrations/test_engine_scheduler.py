@@ -95,9 +95,9 @@ def test_fcfs_order():
     assert order == ["0", "1", "2", "3"]
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_streaming_outputs_grow_by_one_token(async_scheduling):
-    engine = make_engine(64, async_scheduling=async_scheduling)
+@pytest.mark.parametrize("async_scheduling, num_steps", [(False, 1), (True, 1), (True, 4)])
+def test_streaming_outputs_grow_by_one_token(async_scheduling, num_steps):
+    engine = make_engine(64, async_scheduling=async_scheduling, num_scheduler_steps=num_steps)
     engine.add_request("a", prompts([9])[0], SamplingParams(temperature=0, max_tokens=5))
     lengths, steps = [], 0
     while engine.has_unfinished_requests():
@@ -108,8 +108,10 @@ def test_streaming_outputs_grow_by_one_token(async_scheduling):
         for out in outs:
             lengths.append(len(out.outputs[0].token_ids))
             assert out.finished == (lengths[-1] == 5)
-    assert lengths == [1, 2, 3, 4, 5]
-    assert steps == (5 if not async_scheduling else 6)  # async: each output one call later
+    assert lengths == [1, 2, 3, 4, 5]  # multi-step: one output a token too, several from one call
+    # async: each output one call later; 4 steps a schedule: the prompt's step, the 4 decode
+    # steps from one schedule, then the call that reads them
+    assert steps == {(False, 1): 5, (True, 1): 6, (True, 4): 3}[async_scheduling, num_steps]
 
 
 # ----------------------------------------------------------------------------- prefix caching
