@@ -3,7 +3,9 @@
 Rules: allocate, prefix-hit allocate (a seen prompt's prefix, same or other salt), allocate with
 block hashes computed beforehand (``hash_prompt_blocks``; now and then for another salt, which
 must be refused with the state unchanged), eviction
-pressure, append (copy-on-write included), batched decode append, fork, free, swap out/in,
+pressure, append (copy-on-write included), batched decode append, batched pending appends (up to
+5 pending tokens a sequence, their ids given oldest first in a random order across sequences,
+against a twin given the ids at once; fork and swap-out refused meanwhile), fork, free, swap out/in,
 batch metadata, and every bad input (double free, unknown/freed sequence, fork into an existing
 id, swapping the wrong way, running out of blocks), the last ones asserting the state unchanged.
 
@@ -34,7 +36,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from pagedattn.alloc import (BlockManager, DoubleFreeError, DuplicateSequenceError,
+from pagedattn.alloc import (PENDING_TOKEN, BlockManager, DoubleFreeError, DuplicateSequenceError,
                              FreedSequenceError, InvalidArgumentError, OutOfBlocksError,
                              SwapError, UnknownSequenceError, hash_prompt_blocks,
                              snapshot_state)
@@ -209,6 +211,50 @@ class AllocatorMachine(AllocatorChecks, RuleBasedStateMachine):
             assert snapshot_state(self.mgr)["gpu"] == snapshot_state(twin)["gpu"]
         for s, t in zip(seqs, tokens):
             self.tokens[s].append(t)
+
+    @precondition(lambda self: len(self.tokens) > len(self.swapped))
+    @rule(order=st.integers(0, 1 << 32), size=st.integers(1, 6), k=st.integers(1, 5), new=st.integers(0, 2))
+    def append_pending_then_set(self, order, size, k, new):
+        """``k`` decode appends whose ids come later (multi-step decode), then the ids."""
+        self.count()
+        rng = random.Random(order)
+        seqs = shuffled(self.running(), order)[:size]
+        ids = {s: [(new + i + j) % VOCAB for j in range(k)] for i, s in enumerate(seqs)}
+        # a quarter of the time, against a twin given the ids at once (then the ids are given in
+        # batch order: which of two equal blocks is registered depends on the order)
+        twin = copy.deepcopy(self.mgr) if order % 4 == 0 else None
+        done = 0
+        for j in range(k):
+            if self.mgr.num_blocks_to_append(seqs) > self.mgr.num_free_blocks:
+                self.expect_unchanged(lambda: self.mgr.append_slots_batch(seqs, [PENDING_TOKEN] * len(seqs)),
+                                      OutOfBlocksError, "append a token to each of")
+                break
+            pairs = self.mgr.append_slots_batch(seqs, [PENDING_TOKEN] * len(seqs))
+            if twin is not None:
+                assert twin.append_slots_batch(seqs, [ids[s][j] for s in seqs]) == pairs
+            done += 1
+        self.mgr.check_invariants()
+        if done and order % 5 == 0:
+            before = snapshot_state(self.mgr)
+            self.expect_unchanged(lambda: self.mgr.append_slots_batch(seqs[:1], [0]), InvalidArgumentError,
+                                  "pending", before)
+            self.expect_unchanged(lambda: self.mgr.fork(seqs[0], self.next_id + 1000), InvalidArgumentError,
+                                  "pending", before)
+            self.expect_unchanged(lambda: self.mgr.swap_out(seqs[:1]), InvalidArgumentError, "pending", before)
+        given = {s: 0 for s in seqs}
+        while any(n < done for n in given.values()):
+            # each call gives the oldest pending id of a random subset of the sequences
+            batch = [s for s in seqs if given[s] < done and (twin is not None or rng.random() < 0.6)] or \
+                [next(s for s in seqs if given[s] < done)]
+            self.mgr.set_last_tokens(batch, [ids[s][given[s]] for s in batch])
+            for s in batch:
+                given[s] += 1
+            if rng.random() < 0.3:
+                self.mgr.check_invariants()
+        if done and twin is not None:
+            assert snapshot_state(self.mgr) == snapshot_state(twin)
+        for s in seqs:
+            self.tokens[s].extend(ids[s][:done])
 
     @precondition(lambda self: MAX_SEQS > len(self.tokens) > len(self.swapped))
     @rule(pick=st.integers(0, 1 << 16))
