@@ -253,44 +253,59 @@ class LLMEngine:
     def _launch_steps(self, out: SchedulerOutput, first: StepInput, pending: list[tuple[Sequence, int]],
                       logits: torch.Tensor) -> LaunchedChain:
         """Queue the sampling of a multi-step schedule's step 0 (its forward queued), then each
-        later step's forward (its inputs step ``j - 1``'s samples) and sampling."""
+        later step's forward (its inputs step ``j - 1``'s samples) and sampling.
+
+        The later steps reuse step 0's ``(group, seq)`` and ``(seq, row)`` tuples (filtered where
+        sequences end sooner): few new objects a step, so the garbage collector stays idle.
+        """
         max_len = self.max_model_len if self.max_model_len is not None else float("inf")
         now = time.monotonic()
         block_size = self.block_manager.block_size
+        seqs = out.seqs
+        all_targets = [(x.group, x.seq) for x in seqs]
+        all_feeds = [(x.seq, i) for i, x in enumerate(seqs)]  # step j's inputs: step j - 1's rows
+        all_touched = list({id(x.group): x.group for x in seqs}.values())
+        all_params = [x.group.params for x in seqs]
+        all_gens = [x.group.generator for x in seqs]
         steps: list[LaunchedStep] = []
-        rows: list[ScheduledSeq] = out.seqs
         prev: LaunchedStep | None = None
         for j in range(out.num_steps):
-            sample_rows = None
+            sample_rows, rows, targets, touched = None, seqs, all_targets, all_touched
+            params, gens = all_params, all_gens
             if j:
-                sample_rows = [i for i, x in enumerate(out.seqs) if x.num_steps > j]
-                rows = [out.seqs[i] for i in sample_rows]
-                step_input, pending = build_substep_input(out, first, block_size, j, prev)
+                if any(x.num_steps <= j for x in seqs):  # some sequences ended: their rows are padding
+                    sample_rows = [i for i, x in enumerate(seqs) if x.num_steps > j]
+                    rows = [seqs[i] for i in sample_rows]
+                    targets = [all_targets[i] for i in sample_rows]
+                    pending = [all_feeds[i] for i in sample_rows]
+                    touched = list({id(x.group): x.group for x in rows}.values())
+                    # every row is sampled (a row list would be one more upload): the padding
+                    # rows greedily, without advancing a generator, their tokens dropped
+                    params = [x.group.params if x.num_steps > j else _PADDING_PARAMS for x in seqs]
+                    gens = [x.group.generator if x.num_steps > j else None for x in seqs]
+                else:
+                    pending = all_feeds
+                step_input = build_substep_input(out, first, block_size, j, prev.sample.ids)
                 logits = self.runner.execute(step_input)
                 sub = SchedulerOutput(seqs=rows, num_batched_tokens=len(rows), num_decode_tokens=len(rows))
             else:
                 sub = out
-            # every row is sampled (a row list would be one more upload): the rows that ended
-            # sooner greedily, without advancing a generator, their tokens dropped
-            params = [x.group.params if x.num_steps > j else _PADDING_PARAMS for x in out.seqs]
-            gens = [x.group.generator if x.num_steps > j else None for x in out.seqs]
-            sample = self.sampler.launch(logits, params, gens)
-            targets, counted, touched = [], [], {}
-            for x in rows:
-                g, seq = x.group, x.seq
-                if not j:
+                for x in seqs:
+                    g = x.group
                     if g.first_scheduled_time is None:
                         g.first_scheduled_time = now
-                    seq.num_computed_tokens = x.num_computed + x.num_steps
-                targets.append((g, seq))
-                touched[id(g)] = g
+                    x.seq.num_computed_tokens = x.num_computed + x.num_steps
+            sample = self.sampler.launch(logits, params, gens)
+            counted = []
+            for x in rows:
+                seq = x.seq
                 # the sample after position num_computed + j: pending unless the sequence's last
                 computed = x.num_computed + j + 1
-                c = not (computed + 1 - seq.prompt_len >= g.params.max_tokens or computed + 1 >= max_len)
+                c = not (computed + 1 - seq.prompt_len >= x.group.params.max_tokens or computed + 1 >= max_len)
                 counted.append(c)
                 seq.num_pending += c
-            prev = LaunchedStep(sub, sample, targets, counted, {}, list(touched.values()), None, pending,
-                                True, time.perf_counter(), sample_rows if len(rows) < len(out.seqs) else None)
+            prev = LaunchedStep(sub, sample, targets, counted, {}, touched, None, pending,
+                                True, time.perf_counter(), sample_rows)
             steps.append(prev)
         return LaunchedChain(steps)
 
@@ -304,10 +319,12 @@ class LLMEngine:
         per_step = chain.split_pending(next_pending) if next_pending else None
         results = []
         for j, st in enumerate(steps):
-            feeds = list(steps[j + 1].pending) if j + 1 < len(steps) else []
-            if per_step is not None:
-                feeds += per_step[j]
-            results += self._complete(st, feeds)
+            if per_step is not None and per_step[j][0]:
+                # inputs of the next schedule's first step: rows of chain.ids(), this step's from
+                # its offset on
+                feeds, offset = per_step[j]
+                self._set_pending_tokens(st, feeds, offset)
+            results += self._complete(st, steps[j + 1].pending if j + 1 < len(steps) else None)
         return results
 
     def _complete(self, launched: LaunchedStep, next_pending: list[tuple[Sequence, int]] | None
@@ -322,10 +339,7 @@ class LLMEngine:
         num_new = 0
         res = launched.sample.result() if launched.sample is not None else None
         if next_pending:
-            mgr = self.block_manager
-            live = [(seq, j) for seq, j in next_pending if seq.seq_id in mgr]
-            if live:
-                mgr.set_last_tokens([seq.seq_id for seq, _ in live], [res.token_ids[j] for _, j in live])
+            self._set_pending_tokens(launched, next_pending)
         if res is not None:
             samples: dict[int, list] = {}
             counted = launched.counted
@@ -376,6 +390,15 @@ class LLMEngine:
         self.metrics.record_step(out, num_new, end - max(launched.start, self._last_complete))
         self._last_complete = end
         return results
+
+    def _set_pending_tokens(self, launched: LaunchedStep, feeds: list[tuple[Sequence, int]], offset: int = 0) -> None:
+        """Give the allocator the ids of its pending tokens that are ``launched``'s samples:
+        ``feeds`` are ``(seq, row + offset)`` (rows of its samples), before anything is freed."""
+        mgr = self.block_manager
+        live = [f for f in feeds if f[0].seq_id in mgr]
+        if live:
+            toks = launched.sample.result().token_ids
+            mgr.set_last_tokens([f[0].seq_id for f in live], [toks[f[1] - offset] for f in live])
 
     def _unstick(self, out: SchedulerOutput) -> RequestOutput | None:
         """Nothing could be scheduled and nothing runs: the head request can never run."""

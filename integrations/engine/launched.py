@@ -93,17 +93,18 @@ class LaunchedChain:
             self._layout()
         return self._rows[seq.seq_id]
 
-    def split_pending(self, pending: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
-        """``pending`` (``(seq, row in ids())``) per step, each row made the step's own."""
+    def split_pending(self, pending: list[tuple[Sequence, int]]) -> list[tuple[list[tuple[Sequence, int]], int]]:
+        """``pending`` (``(seq, row in ids())``) per step: the entries naming the step's samples
+        (the same tuples), and the step's first row in :meth:`ids`."""
         if self._offsets is None:
             self._layout()
-        per: list[list[tuple[Sequence, int]]] = [[] for _ in self.steps]
         offsets = self._offsets
-        for seq, row in pending:
+        per: list[tuple[list[tuple[Sequence, int]], int]] = [([], o) for o in offsets]
+        for entry in pending:
             k = len(offsets) - 1
-            while offsets[k] > row:
+            while offsets[k] > entry[1]:
                 k -= 1
-            per[k].append((seq, row - offsets[k]))
+            per[k][0].append(entry)
         return per
 
 
@@ -165,14 +166,11 @@ def build_step_input(out: SchedulerOutput, block_manager: BlockManager, prev: La
 
 
 def build_substep_input(out: SchedulerOutput, first: StepInput, block_size: int, j: int,
-                        prev: LaunchedStep) -> tuple[StepInput, list[tuple[Sequence, int]]]:
-    """Step ``j >= 1`` of a multi-step schedule: every row's input is its sample of step ``j - 1``
-    (``prev``), at the next position, in the blocks ``first`` (step 0) names. Rows whose sequence
-    runs fewer steps are padding (no slot written, one key of their first block attended).
-
-    Returns:
-        The step's input on the host, and its pending inputs ``[(seq, row of prev's samples)]``.
-    """
+                        prev_ids: torch.Tensor) -> StepInput:
+    """Step ``j >= 1`` of a multi-step schedule on the host: every row's input is its sample of
+    step ``j - 1`` (``prev_ids``: [S] int64 on the device, every row sampled), at the next
+    position, in the blocks ``first`` (step 0) names. Rows whose sequence runs fewer steps are
+    padding (no slot written, one key of their first block attended)."""
     seqs = out.seqs
     num = len(seqs)
     p = first.positions.numpy() + j
@@ -181,8 +179,7 @@ def build_substep_input(out: SchedulerOutput, first: StepInput, block_size: int,
     tables = first.block_tables.numpy()
     cols = np.minimum(p // block_size, tables.shape[1] - 1)
     slots = tables[np.arange(num), cols].astype(np.int64) * block_size + p % block_size
-    src = np.where(alive, np.arange(num), -1)  # prev sampled every row
-    pending = [(seqs[i].seq, int(src[i])) for i in np.flatnonzero(alive).tolist()]
+    src = np.where(alive, np.arange(num), -1)  # the previous step sampled every row
     qsl = first.cu_seqlens_q
     step = StepInput(
         input_ids=torch.zeros(num, dtype=torch.int64),
@@ -194,6 +191,6 @@ def build_substep_input(out: SchedulerOutput, first: StepInput, block_size: int,
         max_query_len=1,
         logits_indices=first.logits_indices,
         pending_src=torch.from_numpy(src),
-        prev_token_ids=prev.sample.ids,
+        prev_token_ids=prev_ids,
     )
-    return step, pending
+    return step

@@ -167,10 +167,13 @@ class PendingSample:
             return SamplerOutput([], [], [])
         if self._event is not None:
             self._event.synchronize()
-        packed = self._host.tolist()  # the step's only host sync (on the CPU: the whole sampling)
-        k = self._k
-        token_ids = [int(r[0]) for r in packed]
-        lps = [r[1] for r in packed]
+        host, k = self._host, self._k
+        # columns, not rows: no Python list a row (the garbage collector counts each)
+        token_ids = host[:, 0].long().tolist()  # the step's only host sync (on the CPU: the whole sampling)
+        lps = host[:, 1].tolist()
+        if not k:
+            return SamplerOutput(token_ids, lps, [None] * len(token_ids))
+        packed = host.tolist()
         tops: list[dict[int, float] | None] = []
         for p, r in zip(self._params, packed):
             if p.logprobs is None:
