@@ -368,9 +368,6 @@ class LLMEngine:
                 g.forked = True
                 for seq, r in zip(seqs, draws):
                     self._append_token(g, seq, *r)
-            for g in launched.touched:
-                if g.beam is None:
-                    self._retire_finished(g)
         now = time.monotonic()
         for g, idx in launched.beams.values():
             g.first_token_time = g.first_token_time or now
@@ -379,12 +376,17 @@ class LLMEngine:
                           self.scheduler.free_seq, self.max_model_len)
                 num_new += g.num_live
         results = []
+        stream, sampled = self.stream_outputs, res is not None
         for g in launched.touched:
-            if g.is_finished:
+            seqs = g.seqs
+            if sampled and g.beam is None and (len(seqs) != 1 or seqs[0].status.finished):
+                self._retire_finished(g)  # (beam groups retire in beam_step)
+                seqs = g.seqs
+            if not seqs:  # the group finished
                 if self._groups.get(g.request_id) is g:  # not aborted meanwhile (its id may be reused)
                     self.scheduler.remove_finished(g)
                     results.append(self._finish_output(g))
-            elif self.stream_outputs:
+            elif stream:
                 results.append(self.outputs.build(g, self.scheduler.max_model_len))
         end = time.perf_counter()
         self.metrics.record_step(out, num_new, end - max(launched.start, self._last_complete))
@@ -443,13 +445,12 @@ class LLMEngine:
             seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, tok
         elif p.stop and self.outputs.check_stop_strings(seq, p):
             seq.status = SequenceStatus.FINISHED_STOPPED
-        elif seq.num_output_tokens >= p.max_tokens or (
+        elif len(seq.token_ids) - seq.prompt_len >= p.max_tokens or (
                 self.max_model_len is not None and len(seq.token_ids) >= self.max_model_len):
             seq.status = SequenceStatus.FINISHED_LENGTH
 
     def _retire_finished(self, g: SequenceGroup) -> None:
-        if len(g.seqs) == 1 and not g.seqs[0].status.finished:
-            return  # the common case: one live sequence
+        """Free the group's finished sequences (kept in ``finished_seqs``)."""
         live = []
         for s in g.seqs:
             if s.status.finished:
