@@ -221,7 +221,7 @@ class AllocatorMachine(AllocatorChecks, RuleBasedStateMachine):
         seqs = shuffled(self.running(), order)[:size]
         ids = {s: [(new + i + j) % VOCAB for j in range(k)] for i, s in enumerate(seqs)}
         # a quarter of the time, against a twin given the ids at once (then the ids are given in
-        # batch order: which of two equal blocks is registered depends on the order)
+        # batch order, as the twin hashes: which of two equal blocks is registered depends on it)
         twin = copy.deepcopy(self.mgr) if order % 4 == 0 else None
         done = 0
         for j in range(k):
@@ -252,7 +252,15 @@ class AllocatorMachine(AllocatorChecks, RuleBasedStateMachine):
             if rng.random() < 0.3:
                 self.mgr.check_invariants()
         if done and twin is not None:
-            assert snapshot_state(self.mgr) == snapshot_state(twin)
+            # The same tables, ref counts, queue and evictions as the twin. The cached keys may
+            # differ: a filled block whose key a free block held is not registered by the twin,
+            # but is here if a later append evicted that free block before the ids came.
+            got, want = snapshot_state(self.mgr), snapshot_state(twin)
+            assert got["seqs"] == want["seqs"] and got["stats"] == want["stats"]
+            for name in ("gpu", "cpu"):
+                assert got[name]["free_queue"] == want[name]["free_queue"]
+                assert got[name]["num_evictions"] == want[name]["num_evictions"]
+                assert [b[:2] for b in got[name]["blocks"]] == [b[:2] for b in want[name]["blocks"]]
         for s in seqs:
             self.tokens[s].extend(ids[s][:done])
 
