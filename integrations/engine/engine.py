@@ -9,17 +9,13 @@ from typing import Any, Callable
 import torch
 from pagedattn.integrations.engine.beam import beam_step
 from pagedattn.integrations.engine.config import EngineConfig
-from pagedattn.integrations.engine.launched import (
-    LaunchedChain,
-    LaunchedStep,
-    build_step_input,
-    build_substep_input,
-)
+from pagedattn.integrations.engine.launched import LaunchedChain, LaunchedStep, build_step_input
 from pagedattn.integrations.engine.metrics import EngineMetrics
+from pagedattn.integrations.engine.multistep import MultiStepMixin
 from pagedattn.integrations.engine.outputs import OutputBuilder
-from pagedattn.integrations.engine.runner import StepInput, make_runner, maybe_capture_graphs, model_limits
+from pagedattn.integrations.engine.runner import make_runner, maybe_capture_graphs, model_limits
 from pagedattn.integrations.engine.sampling import Sampler, SamplingParams
-from pagedattn.integrations.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from pagedattn.integrations.engine.scheduler import Scheduler, SchedulerOutput
 from pagedattn.integrations.engine.sequence import (
     RequestOutput,
     Sequence,
@@ -31,11 +27,9 @@ from pagedattn.alloc import BlockManager, hash_prompt_blocks
 
 __all__ = ["LLMEngine"]
 
-#: sampling of the rows of a multi-step schedule's later steps whose sequence has ended
-_PADDING_PARAMS = SamplingParams(temperature=0.0)
 
 
-class LLMEngine:
+class LLMEngine(MultiStepMixin):
     """Continuous batching over a paged KV cache (the vLLM paper's engine).
 
     Args:
@@ -249,83 +243,6 @@ class LLMEngine:
                     seq.num_pending += 1
         return LaunchedChain([LaunchedStep(out, sample, targets, counted, beams, list(touched.values()),
                                            logits if beams else None, pending, overlappable, time.perf_counter())])
-
-    def _launch_steps(self, out: SchedulerOutput, first: StepInput, pending: list[tuple[Sequence, int]],
-                      logits: torch.Tensor) -> LaunchedChain:
-        """Queue the sampling of a multi-step schedule's step 0 (its forward queued), then each
-        later step's forward (its inputs step ``j - 1``'s samples) and sampling.
-
-        The later steps reuse step 0's ``(group, seq)`` and ``(seq, row)`` tuples (filtered where
-        sequences end sooner): few new objects a step, so the garbage collector stays idle.
-        """
-        max_len = self.max_model_len if self.max_model_len is not None else float("inf")
-        now = time.monotonic()
-        block_size = self.block_manager.block_size
-        seqs = out.seqs
-        all_targets = [(x.group, x.seq) for x in seqs]
-        all_feeds = [(x.seq, i) for i, x in enumerate(seqs)]  # step j's inputs: step j - 1's rows
-        all_touched = list({id(x.group): x.group for x in seqs}.values())
-        all_params = [x.group.params for x in seqs]
-        all_gens = [x.group.generator for x in seqs]
-        steps: list[LaunchedStep] = []
-        prev: LaunchedStep | None = None
-        for j in range(out.num_steps):
-            sample_rows, rows, targets, touched = None, seqs, all_targets, all_touched
-            params, gens = all_params, all_gens
-            if j:
-                if any(x.num_steps <= j for x in seqs):  # some sequences ended: their rows are padding
-                    sample_rows = [i for i, x in enumerate(seqs) if x.num_steps > j]
-                    rows = [seqs[i] for i in sample_rows]
-                    targets = [all_targets[i] for i in sample_rows]
-                    pending = [all_feeds[i] for i in sample_rows]
-                    touched = list({id(x.group): x.group for x in rows}.values())
-                    # every row is sampled (a row list would be one more upload): the padding
-                    # rows greedily, without advancing a generator, their tokens dropped
-                    params = [x.group.params if x.num_steps > j else _PADDING_PARAMS for x in seqs]
-                    gens = [x.group.generator if x.num_steps > j else None for x in seqs]
-                else:
-                    pending = all_feeds
-                step_input = build_substep_input(out, first, block_size, j, prev.sample.ids)
-                logits = self.runner.execute(step_input)
-                sub = SchedulerOutput(seqs=rows, num_batched_tokens=len(rows), num_decode_tokens=len(rows))
-            else:
-                sub = out
-                for x in seqs:
-                    g = x.group
-                    if g.first_scheduled_time is None:
-                        g.first_scheduled_time = now
-                    x.seq.num_computed_tokens = x.num_computed + x.num_steps
-            sample = self.sampler.launch(logits, params, gens)
-            counted = []
-            for x in rows:
-                seq = x.seq
-                # the sample after position num_computed + j: pending unless the sequence's last
-                computed = x.num_computed + j + 1
-                c = not (computed + 1 - seq.prompt_len >= x.group.params.max_tokens or computed + 1 >= max_len)
-                counted.append(c)
-                seq.num_pending += c
-            prev = LaunchedStep(sub, sample, targets, counted, {}, touched, None, pending,
-                                True, time.perf_counter(), sample_rows)
-            steps.append(prev)
-        return LaunchedChain(steps)
-
-    def _complete_chain(self, chain: LaunchedChain, next_pending: list[tuple[Sequence, int]] | None
-                        ) -> list[RequestOutput]:
-        """:meth:`_complete` each step of ``chain`` in order; ``next_pending`` are the inputs of the
-        step launched after it that are its samples (``(seq, row of chain.ids())``)."""
-        steps = chain.steps
-        if len(steps) == 1:
-            return self._complete(steps[0], next_pending)
-        per_step = chain.split_pending(next_pending) if next_pending else None
-        results = []
-        for j, st in enumerate(steps):
-            if per_step is not None and per_step[j][0]:
-                # inputs of the next schedule's first step: rows of chain.ids(), this step's from
-                # its offset on
-                feeds, offset = per_step[j]
-                self._set_pending_tokens(st, feeds, offset)
-            results += self._complete(st, steps[j + 1].pending if j + 1 < len(steps) else None)
-        return results
 
     def _complete(self, launched: LaunchedStep, next_pending: list[tuple[Sequence, int]] | None
                   ) -> list[RequestOutput]:
