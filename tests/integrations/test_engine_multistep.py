@@ -42,6 +42,7 @@ def _count_multi(engine):
     dict(num_gpu_blocks=512, enable_prefix_caching=False),
     dict(num_gpu_blocks=512, block_size=4),                   # a schedule's slots span several blocks
     dict(num_gpu_blocks=40, block_size=4),                    # short of blocks: fewer steps, preemption
+    dict(num_gpu_blocks=40, block_size=4, num_cpu_blocks=256, preemption_mode="swap"),
     dict(num_gpu_blocks=512, max_num_batched_tokens=32, max_num_seqs=8),
     dict(num_gpu_blocks=512, eos_token_id=5),
 ])
