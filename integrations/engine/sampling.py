@@ -152,7 +152,7 @@ class PendingSample:
     """Samples queued on the device: ``ids`` ([R] int64, on the device) at once, the host copy
     with log-probs by :meth:`result` (which waits for it)."""
 
-    __slots__ = ("ids", "_host", "_event", "_params", "_k")
+    __slots__ = ("ids", "_host", "_event", "_params", "_k", "_result")
 
     def __init__(self, ids: torch.Tensor, host: torch.Tensor | None, event: Any,
                  params: list[SamplingParams], k: int) -> None:
@@ -161,8 +161,15 @@ class PendingSample:
         self._event = event
         self._params = params
         self._k = k
+        self._result: SamplerOutput | None = None
 
     def result(self) -> SamplerOutput:
+        """The host results (read once; later calls return the same object)."""
+        if self._result is None:
+            self._result = self._read()
+        return self._result
+
+    def _read(self) -> SamplerOutput:
         if self._host is None:
             return SamplerOutput([], [], [])
         if self._event is not None:
