@@ -28,7 +28,6 @@ from pagedattn.alloc import BlockManager, hash_prompt_blocks
 __all__ = ["LLMEngine"]
 
 
-
 class LLMEngine(MultiStepMixin):
     """Continuous batching over a paged KV cache (the vLLM paper's engine).
 
@@ -199,7 +198,7 @@ class LLMEngine(MultiStepMixin):
         beams: dict[int, tuple[SequenceGroup, list[int]]] = {}
         touched: dict[int, SequenceGroup] = {}
         overlappable = self._can_overlap
-        max_len = self.max_model_len if self.max_model_len is not None else float("inf")
+        max_len = self.max_model_len
         now = time.monotonic()
         add_row, add_params, add_gen, add_target, add_last = (rows.append, params.append, gens.append,
                                                               targets.append, last_flags.append)
@@ -221,8 +220,7 @@ class LLMEngine(MultiStepMixin):
                 add_params(p)
                 add_gen(g.generator)
                 add_target((g, seq))
-                # after this token the sequence holds computed + 1 tokens
-                add_last(computed + 1 - seq.prompt_len >= p.max_tokens or computed + 1 >= max_len)
+                add_last(x.last_step(max_len) <= 0)
                 continue
             # Host work first: the samples fork the prompt's sequence; or seeded samples share
             # their request's generator, which a sibling's row after its stop would advance.

@@ -38,7 +38,6 @@ class MultiStepMixin:
         The later steps reuse step 0's ``(group, seq)`` and ``(seq, row)`` tuples (filtered where
         sequences end sooner): few new objects a step, so the garbage collector stays idle.
         """
-        max_len = self.max_model_len if self.max_model_len is not None else float("inf")
         now = time.monotonic()
         block_size = self.block_manager.block_size
         seqs = out.seqs
@@ -77,13 +76,13 @@ class MultiStepMixin:
                     x.seq.num_computed_tokens = x.num_computed + x.num_steps
             sample = self.sampler.launch(logits, params, gens)
             counted = []
+            max_len = self.max_model_len
             for x in rows:
-                seq = x.seq
-                # the sample after position num_computed + j: pending unless the sequence's last
-                computed = x.num_computed + j + 1
-                c = not (computed + 1 - seq.prompt_len >= x.group.params.max_tokens or computed + 1 >= max_len)
+                # step j's sample is pending (an input of the next step or schedule) unless it is the
+                # sequence's last; only its final step's can be (the scheduler's step count)
+                c = j + 1 < x.num_steps or x.last_step(max_len) > j
                 counted.append(c)
-                seq.num_pending += c
+                x.seq.num_pending += c
             prev = LaunchedStep(sub, sample, targets, counted, {}, touched, None, pending,
                                 True, time.perf_counter(), sample_rows)
             steps.append(prev)

@@ -48,6 +48,14 @@ class ScheduledSeq:
     #: decode steps the sequence runs from this schedule (more than 1: see ``SchedulerOutput.num_steps``)
     num_steps: int = 1
 
+    def last_step(self, max_model_len: int | None) -> int:
+        """The step ``j`` whose sample is the sequence's last by length (``max_tokens`` outputs or
+        ``max_model_len`` tokens); step 0 computes this schedule's tokens, step ``j`` the token
+        ``j`` positions later (multi-step decode). 0 or less: this schedule's first sample is."""
+        end = self.num_computed + self.num_new_tokens  # tokens held after step 0, before its sample
+        last = self.group.params.max_tokens + self.seq.prompt_len - end - 1
+        return last if max_model_len is None else min(last, max_model_len - end - 1)
+
     @property
     def samples(self) -> bool:
         """Whether the step computes the sequence's last token (so its logits are sampled)."""
@@ -274,14 +282,8 @@ class Scheduler(AdmissionMixin):
             return None
         max_len = self.max_model_len
         steps = []
-        for x in out.seqs:
-            # the sample after computing position p + j is a sequence's last when it holds
-            # max_tokens outputs or max_model_len tokens: run steps j = 0 .. that one
-            p, s = x.num_computed, x.seq
-            last = x.group.params.max_tokens + s.prompt_len - p - 2
-            if max_len is not None:
-                last = min(last, max_len - p - 2)
-            x.num_steps = r = max(1, min(num_steps, last + 1))
+        for x in out.seqs:  # steps up to the one whose sample is the sequence's last
+            x.num_steps = r = max(1, min(num_steps, x.last_step(max_len) + 1))
             steps.append(r)
         out.num_steps = max(steps)
         return steps if out.num_steps > 1 else None
