@@ -8,6 +8,7 @@ the engine (at once, or after the next step is launched: async scheduling).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,10 +102,7 @@ class LaunchedChain:
         offsets = self._offsets
         per: list[tuple[list[tuple[Sequence, int]], int]] = [([], o) for o in offsets]
         for entry in pending:
-            k = len(offsets) - 1
-            while offsets[k] > entry[1]:
-                k -= 1
-            per[k][0].append(entry)
+            per[bisect.bisect_right(offsets, entry[1]) - 1][0].append(entry)
         return per
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,12 +18,8 @@ _BUCKET_EDGES = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256)
 
 
 def _bucket(num_seqs: int) -> int:
-    lo = _BUCKET_EDGES[0]
-    for edge in _BUCKET_EDGES:
-        if num_seqs < edge:
-            break
-        lo = edge
-    return lo
+    """The lower edge of ``num_seqs``' bucket (``num_seqs >= 1``)."""
+    return _BUCKET_EDGES[bisect.bisect_right(_BUCKET_EDGES, num_seqs) - 1]
 
 
 class EngineMetrics:
