@@ -32,7 +32,7 @@ from pagedattn.alloc.hashing import as_token_array
 
 if TYPE_CHECKING:
     from pagedattn.alloc.block import KVCacheBlock
-    from pagedattn.alloc.block_manager import SequenceState
+    from pagedattn.alloc.sequence_state import SequenceState
 
 __all__ = ["AppendMixin", "PENDING_TOKEN"]
 

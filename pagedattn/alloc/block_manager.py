@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 from pagedattn.alloc.append import AppendMixin
 from pagedattn.alloc.figures import FiguresMixin
 from pagedattn.alloc.block import KVCacheBlock
+from pagedattn.alloc.sequence_state import SequenceState
 from pagedattn.alloc.block_pool import BlockPool
 from pagedattn.alloc.errors import (
     DoubleFreeError,
@@ -50,31 +50,6 @@ class AllocStatus(enum.Enum):
     OK = "ok"
     LATER = "later"
     NEVER = "never"
-
-
-@dataclass(slots=True, eq=False)
-class SequenceState:
-    """Bookkeeping of one live sequence (the token count lives in ``SequenceArrays``).
-
-    Attributes:
-        seq_id: the engine's id of the sequence.
-        row: its row in the manager's :class:`SequenceArrays`.
-        blocks: its block table, first block first (CPU blocks while swapped out).
-        extra_keys: its encoded extra keys (salt, adapter id), hashed into every block.
-        last_hash: hash of its last full block (the root hash while it has none).
-        swapped: whether its blocks are in the CPU pool.
-        unhashed: full blocks not hashed yet because some of their tokens are pending, oldest
-            first, each with a copy of its token ids (pending ones filled in by
-            ``set_last_tokens``); ``None`` when there are none.
-    """
-
-    seq_id: Hashable
-    row: int
-    blocks: list[KVCacheBlock]
-    extra_keys: bytes
-    last_hash: bytes
-    swapped: bool = False
-    unhashed: list[tuple[KVCacheBlock, np.ndarray]] | None = None
 
 
 class BlockManager(AppendMixin, SwapMixin, FiguresMixin):

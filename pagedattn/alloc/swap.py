@@ -19,7 +19,8 @@ from pagedattn.alloc.errors import InvalidArgumentError, SwapError
 
 if TYPE_CHECKING:
     from pagedattn.alloc.block import KVCacheBlock
-    from pagedattn.alloc.block_manager import AllocStatus, SequenceState
+    from pagedattn.alloc.block_manager import AllocStatus
+    from pagedattn.alloc.sequence_state import SequenceState
 
 __all__ = ["SwapMixin"]
 
