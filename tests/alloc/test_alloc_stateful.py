@@ -7,7 +7,8 @@ pressure, append (copy-on-write included), batched decode append, batched pendin
 5 pending tokens a sequence, their ids given oldest first in a random order across sequences,
 against a twin given the ids at once; fork and swap-out refused meanwhile), fork, free, swap out/in,
 batch metadata, and every bad input (double free, unknown/freed sequence, fork into an existing
-id, swapping the wrong way, running out of blocks), the last ones asserting the state unchanged.
+id, swapping the wrong way, running out of blocks), the last ones asserting the state unchanged
+(the bad-input rules in stateful_bad_input.py).
 
 Checked after *every* operation (stateful_checks.py), independently of the manager's own
 ``check_invariants`` (which runs too): free + used = total on both pools; each ref count equals the number of block tables
@@ -39,10 +40,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from pagedattn.alloc import (PENDING_TOKEN, BlockManager, DoubleFreeError, DuplicateSequenceError,
-                             FreedSequenceError, InvalidArgumentError, OutOfBlocksError,
-                             SwapError, UnknownSequenceError, hash_prompt_blocks,
-                             snapshot_state)
+from pagedattn.alloc import (PENDING_TOKEN, BlockManager, InvalidArgumentError, OutOfBlocksError,
+                             hash_prompt_blocks, snapshot_state)
+from tests.alloc.stateful_bad_input import BadInputRules
 from tests.alloc.stateful_checks import AllocatorChecks, cdiv
 
 LONG = os.environ.get("PAGEDATTN_ALLOC_LONG", "") not in ("", "0")
@@ -76,7 +76,7 @@ def shuffled(items, seed_value):
     return items
 
 
-class AllocatorMachine(AllocatorChecks, RuleBasedStateMachine):
+class AllocatorMachine(AllocatorChecks, BadInputRules, RuleBasedStateMachine):
     def __init__(self, seed_id: int):
         super().__init__()
         self.seed_id = seed_id
@@ -362,62 +362,6 @@ class AllocatorMachine(AllocatorChecks, RuleBasedStateMachine):
             slots += [table[p // bs] * bs + p % bs for p in range(n - k, n)]
             assert meta.block_tables[i, : len(table)].tolist() == table
         assert meta.slot_mapping.tolist() == slots
-
-    # ---------------------------------------------------------------------- bad input
-    @precondition(lambda self: self.freed)
-    @rule(pick=st.integers(0, 1 << 16), which=st.integers(0, 3))
-    def use_after_free(self, pick, which):
-        self.count()
-        sid = self.freed[pick % len(self.freed)]
-        if sid in self.tokens:
-            return
-        mgr, child = self.mgr, self.next_id + 1
-        fn, error, match = [
-            (lambda: mgr.free(sid), DoubleFreeError, f"cannot free sequence {sid}: it was already"),
-            (lambda: mgr.append_slots(sid, [1]), FreedSequenceError,
-             f"cannot append to sequence {sid}: it was freed"),
-            (lambda: mgr.fork(sid, child), FreedSequenceError, f"fork sequence {sid}: it was freed"),
-            (lambda: mgr.swap_out([sid]), FreedSequenceError, f"swap out sequence {sid}: it was"),
-        ][which]
-        self.expect_unchanged(fn, error, match)
-
-    @rule(sid=st.integers(-50, -1), which=st.integers(0, 4))
-    def unknown_sequence(self, sid, which):
-        self.count()
-        mgr, child = self.mgr, self.next_id + 1
-        fn = [lambda: mgr.free(sid), lambda: mgr.append_slots(sid, [0]),
-              lambda: mgr.fork(sid, child), lambda: mgr.swap_in([sid]),
-              lambda: mgr.build_metadata([sid])][which]
-        error = self.expect_unchanged(fn, UnknownSequenceError, f"sequence {sid}: it was never")
-        assert type(error) is UnknownSequenceError
-
-    @precondition(lambda self: len(self.tokens) >= 1)
-    @rule(pick=st.integers(0, 1 << 16), other=st.integers(0, 1 << 16))
-    def duplicate_ids(self, pick, other):
-        self.count()
-        live = sorted(self.tokens)
-        sid, existing = live[pick % len(live)], live[other % len(live)]
-        if sid in self.swapped:
-            self.expect_unchanged(lambda: self.mgr.allocate(existing, [0]), DuplicateSequenceError,
-                                  f"cannot allocate sequence {existing}: it is already allocated")
-        else:
-            self.expect_unchanged(lambda: self.mgr.fork(sid, existing), DuplicateSequenceError,
-                                  f"into {existing}: {existing} already exists")
-
-    @precondition(lambda self: self.tokens)
-    @rule(pick=st.integers(0, 1 << 16))
-    def wrong_swap_direction(self, pick):
-        self.count()
-        live = sorted(self.tokens)
-        sid = live[pick % len(live)]
-        if sid in self.swapped and pick % 2:
-            self.expect_unchanged(lambda: self.mgr.swap_out([sid]), SwapError, "is swapped out")
-        elif sid in self.swapped:
-            self.expect_unchanged(lambda: self.mgr.append_slots(sid, [0]), SwapError,
-                                  "is swapped out")
-        else:
-            self.expect_unchanged(lambda: self.mgr.swap_in([sid]), SwapError,
-                                  "is running on the GPU")
 
     # ---------------------------------------------------------------------- invariants
     @invariant()
