@@ -198,6 +198,10 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
             for k in (1, 2, 8):
                 st(f"engine_sharegpt_steps{k}", "engine", sg, 120, 40, prio=1, optional=True,
                    engine_overrides=dict(num_scheduler_steps=k))
+            # more sequences a step than the default 256 (useful with --requests above 256): on request
+            for n in (512, 1024):
+                st(f"engine_sharegpt_seqs{n}", "engine", sg, 120, 40, prio=1, optional=True,
+                   engine_overrides=dict(max_num_seqs=n, max_num_batched_tokens=max(8192, n)))
             st("engine_profile_steps1", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
                engine_overrides=dict(num_scheduler_steps=1))
             st("engine_profile_sync", "engine_profile", sg, 90, 40, prio=3, num_steps=30,

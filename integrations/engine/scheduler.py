@@ -8,7 +8,8 @@ Each step, in order:
 3. swapped-out groups are swapped back in (only if nothing was preempted this step);
 4. waiting groups are admitted in arrival order while the token budget, ``max_num_seqs`` and the
    free blocks (whole prompt, watermark kept) allow (only if nothing is swapped out and nothing was
-   preempted this step).
+   preempted this step, and, while decode rows run, once ``admit_min_free_seqs`` slots are free or
+   the other conditions of :meth:`Scheduler._admission_due` hold: prompts join in batches).
 
 Blocks are allocated only for tokens computed in the step (a prompt is allocated chunk by chunk),
 so every block the prefix cache holds has its KV written by the time any other step reads it.
@@ -100,6 +101,8 @@ class Scheduler(AdmissionMixin, PreemptionMixin):
         self.num_preemptions = 0
         self.num_swapped_out_blocks = 0
         self.num_swapped_in_blocks = 0
+        #: decode steps run since waiting requests were last admitted (``admit_max_delay_steps``)
+        self._deferred_steps = 0
         self._reset_step()
 
     # ------------------------------------------------------------------------- requests
@@ -165,6 +168,7 @@ class Scheduler(AdmissionMixin, PreemptionMixin):
         self._committed: set[int] = set()             # groups with allocator work done this step
         self._prefill: list[ScheduledSeq] = []
         self._allow_preemption = True
+        self._admission_deferred = False
 
     def _free(self) -> int:
         return self.mgr.num_free_blocks - self._reserved
@@ -177,8 +181,8 @@ class Scheduler(AdmissionMixin, PreemptionMixin):
                 tokens are pending): groups that would need a preemption wait instead, and the
                 output says so (``stalled``).
             num_steps: the most decode steps to run from this schedule. More than one are given
-                only to a batch of decode rows alone (nothing in prefill, waiting or swapped out,
-                no preemption) whose groups sample one token a sequence from the engine's
+                only to a batch of decode rows alone (nothing in prefill or swapped out, no
+                preemption, no request waiting unless its admission was deferred) whose groups sample one token a sequence from the engine's
                 generator or their own (no beams, no parallel samples sharing a generator), when
                 the blocks for ``num_steps`` tokens a sequence are free; a sequence runs fewer
                 steps when its ``max_tokens`` or the model's length end it sooner.
@@ -202,7 +206,13 @@ class Scheduler(AdmissionMixin, PreemptionMixin):
         if not out.preempted and self.swapped:
             self._schedule_swapped(out)
         if not out.preempted and not self.swapped and self.waiting:
-            self._schedule_waiting(out)
+            if self._admission_due():
+                num_waiting = len(self.waiting)
+                self._schedule_waiting(out)
+                if len(self.waiting) < num_waiting:
+                    self._deferred_steps = 0
+            else:
+                self._admission_deferred = True
         # The decode fast path: one vectorized append for every decoding sequence.
         ids, tokens = [], []
         for g, _ in self._decodes.values():
@@ -219,6 +229,8 @@ class Scheduler(AdmissionMixin, PreemptionMixin):
                     more = [i for i, r in zip(ids, steps) if r > j]
                     self.mgr.append_slots_batch(more, [PENDING_TOKEN] * len(more))
         out.num_decode_tokens = len(ids)
+        if self.waiting:
+            self._deferred_steps += out.num_steps
         out.seqs.extend(self._prefill)
         out.num_prefill_tokens = sum(x.num_new_tokens for x in self._prefill)
         out.num_batched_tokens = out.num_decode_tokens + out.num_prefill_tokens
@@ -272,7 +284,8 @@ class Scheduler(AdmissionMixin, PreemptionMixin):
         """Decode steps per sequence of ``out`` (all decode rows, in order) when this schedule may
         run several (see :meth:`schedule`), setting ``num_steps`` on ``out`` and its rows; None
         (one step) otherwise."""
-        if out.preempted or self._prefill or self.waiting or self.swapped or out.stalled:
+        if (out.preempted or self._prefill or (self.waiting and not self._admission_deferred)
+                or self.swapped or out.stalled):
             return None
         for x in out.seqs:
             g = x.group
@@ -287,6 +300,19 @@ class Scheduler(AdmissionMixin, PreemptionMixin):
             steps.append(r)
         out.num_steps = max(steps)
         return steps if out.num_steps > 1 else None
+
+    def _admission_due(self) -> bool:
+        """Whether waiting requests may be admitted this step (``admit_min_free_seqs``): always
+        when the step has no decode rows; never when no sequence slot is free (the step may then
+        run several decode steps, ``num_scheduler_steps``); else once ``admit_min_free_seqs``
+        slots are free, every waiting request fits in them, or ``admit_max_delay_steps`` decode
+        steps passed since the last admission."""
+        cfg, free = self.config, self._seqs_left
+        if not self._decodes:
+            return True
+        return free > 0 and (cfg.admit_max_delay_steps == 0 or free >= cfg.admit_min_free
+                             or len(self.waiting) <= free
+                             or self._deferred_steps >= cfg.admit_max_delay_steps)
 
     def _decode_ready(self, g: SequenceGroup) -> bool:
         mgr, seqs = self.mgr, g.seqs
