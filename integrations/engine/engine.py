@@ -112,6 +112,13 @@ class LLMEngine(MultiStepMixin):
         self._groups[request_id] = g
         self.scheduler.add(g)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache's blocks; only while no request is unfinished (returns
+        whether it was reset)."""
+        if self.has_unfinished_requests() or self._inflight is not None:
+            return False
+        return self.block_manager.reset_prefix_cache()
+
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; whether it was unfinished."""
         g = self._groups.pop(request_id, None)

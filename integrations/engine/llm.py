@@ -68,6 +68,11 @@ class LLM:
     def metrics(self):
         return self.engine.metrics
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache (between runs that should not share prompts' blocks); only
+        while no request is unfinished. Returns whether it was reset."""
+        return self.engine.reset_prefix_cache()
+
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

@@ -300,6 +300,17 @@ class BlockManager(AppendMixin, SwapMixin, FiguresMixin):
                                     num_padded_tokens=num_padded_tokens,
                                     pad_block_id=self.arrays.pad_block_id)
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every block of the GPU prefix cache (e.g. between benchmark runs), if no
+        sequence is allocated or swapped out.
+
+        Returns:
+            Whether the cache was reset (False, and nothing changed, while any sequence exists).
+        """
+        if self._seqs:
+            return False
+        return self.gpu_pool.reset_prefix_cache()
+
     def check_invariants(self) -> None:
         """Verify all bookkeeping (slow; for tests). Raises :class:`InvariantViolation`."""
         from pagedattn.alloc.invariants import check_invariants

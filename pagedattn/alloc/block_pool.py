@@ -331,6 +331,21 @@ class BlockPool:
         block.block_hash = block.block_key = block.extra_keys = None
         self.num_evictions += 1
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, if no block is in use (all are free).
+
+        Not counted as evictions; the free queue keeps its order.
+
+        Returns:
+            Whether the cache was reset (False, and nothing changed, while any block is in use).
+        """
+        if self.num_used_blocks:
+            return False
+        for block in self.cached_blocks.values():
+            block.block_hash = block.block_key = block.extra_keys = None
+        self.cached_blocks.clear()
+        return True
+
     def get_cached_block(self, block_key: bytes, extra_keys: bytes) -> KVCacheBlock | None:
         """The cached block with exactly this key and these extra keys, else ``None``."""
         block = self.cached_blocks.get(block_key)

@@ -117,6 +117,23 @@ def test_eviction_takes_the_least_recently_freed_cached_block():
     mgr.check_invariants()
 
 
+def test_reset_prefix_cache_only_when_nothing_is_allocated(mgr):
+    mgr.allocate(1, list(range(9)))
+    before = snapshot_state(mgr)
+    assert mgr.reset_prefix_cache() is False  # a sequence holds blocks: nothing changes
+    assert snapshot_state(mgr) == before
+    mgr.free(1)
+    queue = free_queue(mgr)
+    assert mgr.gpu_pool.num_cached_blocks == 2
+    assert mgr.reset_prefix_cache() is True
+    assert mgr.gpu_pool.num_cached_blocks == 0 and free_queue(mgr) == queue
+    assert all(b.block_hash is None and b.block_key is None for b in mgr.gpu_pool.blocks)
+    assert mgr.probe_prefix(list(range(9))) == (0, 0)
+    assert mgr.allocate(2, list(range(9))) == 0  # no hit: computed again
+    assert mgr.gpu_pool.num_evictions == 0
+    mgr.check_invariants()
+
+
 def test_prefix_caching_off_never_hits():
     mgr = BlockManager(8, 2, enable_prefix_caching=False)
     mgr.allocate("a", [1, 2, 3])

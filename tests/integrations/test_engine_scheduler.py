@@ -218,6 +218,20 @@ def test_prefix_caching_skips_cached_blocks():
     assert_no_leak(engine)
 
 
+def test_reset_prefix_cache_between_runs():
+    engine = make_engine(256)
+    p = prompts([40], seed=4)[0]
+    engine.add_request("a", p, SamplingParams(temperature=0, max_tokens=30))
+    engine.step()
+    assert engine.reset_prefix_cache() is False  # a request is unfinished
+    run_all(engine, [])
+    assert engine.reset_prefix_cache() is True
+    outs = run_all(engine, [("b", p, GREEDY)])
+    assert outs["b"].outputs[0].token_ids == reference_greedy(p, 8)
+    assert engine.metrics.summary()["prefix_cached_tokens"] == 0
+    assert_no_leak(engine)
+
+
 def test_prefix_hits_within_one_step_and_with_caching_off():
     ps = prompts([40], seed=5) * 3 + prompts([33], seed=6)
     for caching in (True, False):
