@@ -78,6 +78,20 @@ def top_device_ops(prof, num_steps: int, limit: int = 15) -> list[dict]:
             for name, (us, n) in rows]
 
 
+def top_host_ops(prof, num_steps: int, limit: int = 15) -> list[dict]:
+    """The host-side operators (CPU self time) that took the most time, per step (microseconds)."""
+    rows = [e for e in prof.key_averages() if getattr(e, "self_cpu_time_total", 0) > 0]
+    rows.sort(key=lambda e: -e.self_cpu_time_total)
+    return [{"name": e.key[:120], "self_us_per_step": e.self_cpu_time_total / num_steps,
+             "calls_per_step": e.count / num_steps} for e in rows[:limit]]
+
+
+def kernels_per_step(prof, num_steps: int) -> float:
+    """Device kernels a step (graph-replayed kernels included)."""
+    n = sum(1 for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+    return n / num_steps
+
+
 class _PhaseTimer:
     """Wraps the engine's scheduler, metadata, runner and post-processing calls with perf_counter."""
 
@@ -152,12 +166,13 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
            "engine_steps": num_steps, "decode_steps_per_engine_step": per_call,
            "decode_step_ms": float(np.median(steps)) * 1e3 / per_call,
            "decode_step_ms_p90": float(np.percentile(steps, 90)) * 1e3 / per_call,
-           "host_ms": timer.medians_ms(), "startup_s": startup_s,
+           "host_ms": timer.medians_ms(), "top_host_ops": top_host_ops(prof, model_steps), "startup_s": startup_s,
            "engine_overrides": p.get("engine_overrides", {}), "cuda_graphs": eng.decode_graphs is not None,
            "graph_replays": getattr(eng.decode_graphs, "num_replays", 0), **_pool_info(llm), **_mem(dev)}
     if dev.startswith("cuda"):
         res["gpu_busy_fraction"] = busy_fraction(prof, wall)
         res["top_gpu_ops"] = top_device_ops(prof, model_steps)
+        res["device_ops_per_step"] = kernels_per_step(prof, model_steps)
         weights = sum(t.numel() * t.element_size() for t in eng.runner.model.parameters())
         # K/V read by a step: the context at the window's middle (it grows a token a step)
         mid_tokens = tokens + len(running) * model_steps // 2
