@@ -1,25 +1,29 @@
 """Steady decode of the engine under the profiler: step time against the bandwidth floor, GPU busy fraction.
 
 Run as the ``engine_profile`` system of ``bench/bench_e2e.py`` (its own process). It admits a full
-batch of ShareGPT-like prompts, steps until every prompt is prefilled, then times ``num_steps``
-decode steps of the whole batch:
+batch of ShareGPT-like prompts, steps until every prompt is prefilled, then runs two windows of
+``num_steps`` engine steps of the whole batch:
 
-- ``decode_step_ms``: median wall time of ``LLMEngine.step()`` (schedule, metadata, forward,
-  sampling, outputs). Synchronously each step ends with its sampler's host sync; with async
-  scheduling a call launches step t and then reads step t - 1's tokens, so in steady decode the
-  median call is still one step's period.
-- ``floor_ms``: (weight bytes + the batch's K/V bytes) / device-to-device copy rate measured in the
-  same process (bytes read + written per second, as bench_ops.py counts it): what one decode step
-  must at least read. ``decode_step_vs_floor`` is their ratio.
-- ``gpu_busy_fraction``: the union of the GPU kernels' and copies' intervals recorded by
-  ``torch.profiler`` over the timed steps, over the wall time of those steps.
-- ``host_ms``: per phase of a step (schedule, prepare, forward launch, complete: waiting for the
-  sampled tokens and applying them), from ``time.perf_counter`` around the engine's own calls,
-  medians.
+1. the timed window, under ``torch.profiler`` recording device activity only (no host-side
+   operator records: those cost host time in every step and lengthen a host-bound step):
+   - ``decode_step_ms``: median wall time of ``LLMEngine.step()`` (schedule, metadata, forward,
+     sampling, outputs) per decode step it runs. With async scheduling a call launches step t and
+     then reads step t - 1's tokens, so in steady decode the median call is one step's period.
+   - ``floor_ms``: (weight bytes + the batch's K/V bytes at the window's middle) / device-to-device
+     copy rate measured in the same process (bytes read + written per second, as bench_ops.py
+     counts it): what one decode step must at least read. ``decode_step_vs_floor`` is their ratio.
+   - ``gpu_busy_fraction``: the union of the GPU kernels' and copies' intervals over the window's
+     wall time.
+2. the breakdown window (``breakdown_window``), host operators recorded too: ``host_ms`` per phase
+   of a step (schedule, prepare, forward launch, complete: waiting for the sampled tokens and
+   applying them; ``time.perf_counter`` around the engine's own calls, medians), the top host
+   operators and device kernels per decode step, and that window's own step time and busy
+   fraction (lower: the recording's host cost is in it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -134,9 +138,9 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
     timer = _PhaseTimer(eng)
     n = min(len(w["prompts"]), eng.config.max_num_seqs)
     per_call = eng.num_scheduler_steps  # decode steps an engine step runs (multi-step decode)
-    for i, prompt in enumerate(w["prompts"][:n]):  # every request outlives the timed steps
-        eng.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=(num_steps + 8) * per_call + 64,
-                                                       ignore_eos=True))
+    for i, prompt in enumerate(w["prompts"][:n]):  # every request outlives both windows
+        eng.add_request(str(i), prompt, SamplingParams(
+            temperature=0.0, max_tokens=(2 * num_steps + 8) * per_call + 64, ignore_eos=True))
     while eng.scheduler.waiting or any(s.num_computed_tokens < len(s.token_ids) - 1
                                        for g in eng.scheduler.running for s in g.seqs):
         eng.step()
@@ -144,37 +148,51 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
         eng.step()
     running = list(eng.scheduler.running)
     tokens = sum(len(s.token_ids) + s.num_pending for g in running for s in g.seqs)
-    steps = []
     replays_before = getattr(eng.decode_graphs, "num_replays", 0)
+    cuda = dev.startswith("cuda")
+
+    def window(activities):
+        steps = []
+        ctx = torch.profiler.profile(activities=activities) if activities else contextlib.nullcontext()
+        with ctx as prof:
+            t_all = time.perf_counter()
+            for _ in range(num_steps):
+                t = time.perf_counter()
+                eng.step()
+                steps.append(time.perf_counter() - t)
+            wall = time.perf_counter() - t_all
+        return prof, steps, wall
+
+    # 1. the timed window: device activity only (no host-side op records, which cost host time
+    #    a step and so lengthen a host-bound step): the step time and the GPU's busy fraction
+    prof1, steps, wall1 = window([torch.profiler.ProfilerActivity.CUDA] if cuda else None)
+    # 2. the breakdown window (host ops recorded too, phases timed): where the time goes
     timer.on = True
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        t_all = time.perf_counter()
-        for _ in range(num_steps):
-            t = time.perf_counter()
-            eng.step()
-            steps.append(time.perf_counter() - t)
-        wall = time.perf_counter() - t_all
+    prof, steps2, wall2 = window([torch.profiler.ProfilerActivity.CPU]
+                                 + ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
     timer.on = False
     model_steps = num_steps * per_call
     replays = getattr(eng.decode_graphs, "num_replays", 0) - replays_before
-    if eng.decode_graphs is not None and replays != model_steps:
-        raise RuntimeError(f"{replays} graph replays in {num_steps} engine steps of {per_call} decode steps")
+    if eng.decode_graphs is not None and replays != 2 * model_steps:
+        raise RuntimeError(f"{replays} graph replays in 2 x {num_steps} engine steps of {per_call} decode steps")
     # one decode step (one token a sequence): an engine step runs per_call of them
     res = {"status": "ok", "batch_seqs": len(running), "context_tokens": tokens, "num_steps": model_steps,
            "engine_steps": num_steps, "decode_steps_per_engine_step": per_call,
            "decode_step_ms": float(np.median(steps)) * 1e3 / per_call,
            "decode_step_ms_p90": float(np.percentile(steps, 90)) * 1e3 / per_call,
-           "host_ms": timer.medians_ms(), "top_host_ops": top_host_ops(prof, model_steps), "startup_s": startup_s,
+           "breakdown_window": {"decode_step_ms": float(np.median(steps2)) * 1e3 / per_call,
+                                "host_ms": timer.medians_ms(), "top_host_ops": top_host_ops(prof, model_steps)},
+           "startup_s": startup_s,
            "engine_overrides": p.get("engine_overrides", {}), "cuda_graphs": eng.decode_graphs is not None,
            "graph_replays": getattr(eng.decode_graphs, "num_replays", 0), **_pool_info(llm), **_mem(dev)}
-    if dev.startswith("cuda"):
-        res["gpu_busy_fraction"] = busy_fraction(prof, wall)
-        res["top_gpu_ops"] = top_device_ops(prof, model_steps)
-        res["device_ops_per_step"] = kernels_per_step(prof, model_steps)
+    if cuda:
+        res["gpu_busy_fraction"] = busy_fraction(prof1, wall1)
+        bw = res["breakdown_window"]
+        bw["gpu_busy_fraction"] = busy_fraction(prof, wall2)
+        bw["top_gpu_ops"] = top_device_ops(prof, model_steps)
+        bw["device_ops_per_step"] = kernels_per_step(prof, model_steps)
         weights = sum(t.numel() * t.element_size() for t in eng.runner.model.parameters())
-        # K/V read by a step: the context at the window's middle (it grows a token a step)
+        # K/V read by a step: the context at the timed window's middle (it grows a token a step)
         mid_tokens = tokens + len(running) * model_steps // 2
         kv = mid_tokens * eng.runner.kv_cache_bytes_per_block // eng.block_manager.block_size
         rate = copy_rate_bytes_per_s()

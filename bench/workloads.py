@@ -150,9 +150,16 @@ def card_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+#: a partial run (stopped by its deadline) timed over less than this is no rate (start-up effects)
+MIN_PARTIAL_WINDOW_S = 5.0
+
+
 def usable(r) -> bool:
-    """A stage result worth reading: it finished, or it wrote its result before it was killed."""
-    return isinstance(r, dict) and "ok" in (r.get("status"), r.get("result_status"))
+    """A stage result worth reading: it finished, or it wrote its result before it was killed; a
+    partial run only if it was timed over at least ``MIN_PARTIAL_WINDOW_S``."""
+    if not (isinstance(r, dict) and "ok" in (r.get("status"), r.get("result_status"))):
+        return False
+    return not r.get("partial") or (r.get("elapsed_s") or 0.0) >= MIN_PARTIAL_WINDOW_S
 
 
 _ok = usable
