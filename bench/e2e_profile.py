@@ -1,19 +1,23 @@
 """Steady decode of the engine under the profiler: step time against the bandwidth floor, GPU busy fraction.
 
 Run as the ``engine_profile`` system of ``bench/bench_e2e.py`` (its own process). It admits a full
-batch of ShareGPT-like prompts, steps until every prompt is prefilled, then runs two windows of
+batch of ShareGPT-like prompts, steps until every prompt is prefilled, then runs four windows of
 ``num_steps`` engine steps of the whole batch:
 
-1. the timed window, under ``torch.profiler`` recording device activity only (no host-side
-   operator records: those cost host time in every step and lengthen a host-bound step):
+1. the timed windows: one recording device activity only, between two without the profiler
+   (its host-side records and its instrumentation of the graph launches cost host time in every
+   step, which lengthens a host-bound step):
    - ``decode_step_ms``: median wall time of ``LLMEngine.step()`` (schedule, metadata, forward,
-     sampling, outputs) per decode step it runs. With async scheduling a call launches step t and
-     then reads step t - 1's tokens, so in steady decode the median call is one step's period.
-   - ``floor_ms``: (weight bytes + the batch's K/V bytes at the window's middle) / device-to-device
+     sampling, outputs) per decode step it runs, over the two windows without the profiler. With
+     async scheduling a call launches step t and then reads step t - 1's tokens, so in steady
+     decode the median call is one step's period.
+   - ``gpu_ms_per_step``: the union of the GPU kernels' and copies' intervals in the device-only
+     window, per decode step (its context is the middle of the three windows').
+   - ``gpu_busy_fraction``: ``gpu_ms_per_step / decode_step_ms``; ``device_only_window`` also gives
+     that window's own step time and busy fraction (union over its wall time).
+   - ``floor_ms``: (weight bytes + the batch's K/V bytes at the windows' middle) / device-to-device
      copy rate measured in the same process (bytes read + written per second, as bench_ops.py
      counts it): what one decode step must at least read. ``decode_step_vs_floor`` is their ratio.
-   - ``gpu_busy_fraction``: the union of the GPU kernels' and copies' intervals over the window's
-     wall time.
 2. the breakdown window (``breakdown_window``), host operators recorded too: ``host_ms`` per phase
    of a step (schedule, prepare, forward launch, complete: waiting for the sampled tokens and
    applying them; ``time.perf_counter`` around the engine's own calls, medians), the top host
@@ -51,6 +55,12 @@ def copy_rate_bytes_per_s(nbytes: int = 1 << 30, repeats: int = 10) -> float:
 
 def busy_fraction(prof, wall_s: float) -> float | None:
     """Union of the device intervals (kernels, memcpy, memset) in ``prof`` over ``wall_s``."""
+    busy = device_busy_s(prof)
+    return None if busy is None else min(1.0, busy / wall_s)
+
+
+def device_busy_s(prof) -> float | None:
+    """Seconds covered by the union of the device intervals (kernels, memcpy, memset) in ``prof``."""
     spans = []
     for e in prof.events():
         if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start:
@@ -66,7 +76,7 @@ def busy_fraction(prof, wall_s: float) -> float | None:
         else:
             cur_e = max(cur_e, e)
     busy += cur_e - cur_s
-    return min(1.0, busy / 1e6 / wall_s)
+    return busy / 1e6
 
 
 def top_device_ops(prof, num_steps: int, limit: int = 15) -> list[dict]:
@@ -140,7 +150,7 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
     per_call = eng.num_scheduler_steps  # decode steps an engine step runs (multi-step decode)
     for i, prompt in enumerate(w["prompts"][:n]):  # every request outlives both windows
         eng.add_request(str(i), prompt, SamplingParams(
-            temperature=0.0, max_tokens=(2 * num_steps + 8) * per_call + 64, ignore_eos=True))
+            temperature=0.0, max_tokens=(4 * num_steps + 8) * per_call + 64, ignore_eos=True))
     while eng.scheduler.waiting or any(s.num_computed_tokens < len(s.token_ids) - 1
                                        for g in eng.scheduler.running for s in g.seqs):
         eng.step()
@@ -163,18 +173,22 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
             wall = time.perf_counter() - t_all
         return prof, steps, wall
 
-    # 1. the timed window: device activity only (no host-side op records, which cost host time
-    #    a step and so lengthen a host-bound step): the step time and the GPU's busy fraction
-    prof1, steps, wall1 = window([torch.profiler.ProfilerActivity.CUDA] if cuda else None)
-    # 2. the breakdown window (host ops recorded too, phases timed): where the time goes
+    # 1. the step time: two windows without the profiler (its records and its instrumentation of
+    #    the graph launches cost host time each step) around 2. one recording device activity only:
+    #    the GPU's time a step (kernel durations are not lengthened by the host's costs)
+    _, steps_a, _ = window(None)
+    prof1, steps_b, wall1 = window([torch.profiler.ProfilerActivity.CUDA] if cuda else None)
+    _, steps_c, _ = window(None)
+    steps = steps_a + steps_c
+    # 3. the breakdown window (host ops recorded too, phases timed): where the time goes
     timer.on = True
     prof, steps2, wall2 = window([torch.profiler.ProfilerActivity.CPU]
                                  + ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
     timer.on = False
     model_steps = num_steps * per_call
     replays = getattr(eng.decode_graphs, "num_replays", 0) - replays_before
-    if eng.decode_graphs is not None and replays != 2 * model_steps:
-        raise RuntimeError(f"{replays} graph replays in 2 x {num_steps} engine steps of {per_call} decode steps")
+    if eng.decode_graphs is not None and replays != 4 * model_steps:
+        raise RuntimeError(f"{replays} graph replays in 4 x {num_steps} engine steps of {per_call} decode steps")
     # one decode step (one token a sequence): an engine step runs per_call of them
     res = {"status": "ok", "batch_seqs": len(running), "context_tokens": tokens, "num_steps": model_steps,
            "engine_steps": num_steps, "decode_steps_per_engine_step": per_call,
@@ -186,14 +200,19 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
            "engine_overrides": p.get("engine_overrides", {}), "cuda_graphs": eng.decode_graphs is not None,
            "graph_replays": getattr(eng.decode_graphs, "num_replays", 0), **_pool_info(llm), **_mem(dev)}
     if cuda:
-        res["gpu_busy_fraction"] = busy_fraction(prof1, wall1)
+        gpu_ms = device_busy_s(prof1) * 1e3 / model_steps
+        res["gpu_ms_per_step"] = gpu_ms
+        res["gpu_busy_fraction"] = min(1.0, gpu_ms / res["decode_step_ms"])
+        res["device_only_window"] = {"decode_step_ms": float(np.median(steps_b)) * 1e3 / per_call,
+                                     "gpu_busy_fraction": busy_fraction(prof1, wall1)}
         bw = res["breakdown_window"]
         bw["gpu_busy_fraction"] = busy_fraction(prof, wall2)
         bw["top_gpu_ops"] = top_device_ops(prof, model_steps)
         bw["device_ops_per_step"] = kernels_per_step(prof, model_steps)
         weights = sum(t.numel() * t.element_size() for t in eng.runner.model.parameters())
-        # K/V read by a step: the context at the timed window's middle (it grows a token a step)
-        mid_tokens = tokens + len(running) * model_steps // 2
+        # K/V read by a step: the context at the middle of the timed windows (it grows a token a
+        # step), the device-only window's middle
+        mid_tokens = tokens + len(running) * model_steps * 3 // 2
         kv = mid_tokens * eng.runner.kv_cache_bytes_per_block // eng.block_manager.block_size
         rate = copy_rate_bytes_per_s()
         res.update(weight_bytes=weights, kv_bytes=kv, copy_rate_gb_s=rate / 1e9,
