@@ -213,6 +213,8 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
                    engine_overrides=dict(max_num_seqs=n, max_num_batched_tokens=max(8192, n)))
             st("engine_profile_steps1", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
                engine_overrides=dict(num_scheduler_steps=1))
+            st("engine_profile_steps8", "engine_profile", sg, 90, 40, prio=1, num_steps=8, optional=True,
+               engine_overrides=dict(num_scheduler_steps=8))
             # diagnostics (synchronous steps, no graphs): only when asked for by --stages
             st("engine_profile_sync", "engine_profile", sg, 90, 40, prio=3, num_steps=30, optional=True,
                engine_overrides=dict(async_scheduling=False))
