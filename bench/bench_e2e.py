@@ -213,6 +213,9 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
                    engine_overrides=dict(max_num_seqs=n, max_num_batched_tokens=max(8192, n)))
             st("engine_profile_steps1", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
                engine_overrides=dict(num_scheduler_steps=1))
+            # a small batch (the end of a throughput run, where the host bounds the step)
+            st("engine_profile_small", "engine_profile", sg, 90, 40, prio=1, num_steps=16, optional=True,
+               num_seqs=16)
             st("engine_profile_steps8", "engine_profile", sg, 90, 40, prio=1, num_steps=8, optional=True,
                engine_overrides=dict(num_scheduler_steps=8))
             # diagnostics (synchronous steps, no graphs): only when asked for by --stages

@@ -1,7 +1,7 @@
 """Steady decode of the engine under the profiler: step time against the bandwidth floor, GPU busy fraction.
 
 Run as the ``engine_profile`` system of ``bench/bench_e2e.py`` (its own process). It admits a full
-batch of ShareGPT-like prompts, steps until every prompt is prefilled, then runs four windows of
+batch of ShareGPT-like prompts (``max_num_seqs``, or ``params["num_seqs"]``), steps until every prompt is prefilled, then runs four windows of
 ``num_steps`` engine steps of the whole batch:
 
 1. the timed windows: one recording device activity only, between two without the profiler
@@ -146,7 +146,7 @@ def run_engine_profile(path: str, w: dict, dev: str, emit) -> None:
     eng = llm.engine
     eng.stream_outputs = False
     timer = _PhaseTimer(eng)
-    n = min(len(w["prompts"]), eng.config.max_num_seqs)
+    n = min(len(w["prompts"]), p.get("num_seqs") or eng.config.max_num_seqs)
     per_call = eng.num_scheduler_steps  # decode steps an engine step runs (multi-step decode)
     for i, prompt in enumerate(w["prompts"][:n]):  # every request outlives both windows
         eng.add_request(str(i), prompt, SamplingParams(
