@@ -1,8 +1,8 @@
 """Steady decode of the engine under the profiler: step time against the bandwidth floor, GPU busy fraction.
 
 Run as the ``engine_profile`` system of ``bench/bench_e2e.py`` (its own process). It admits a full
-batch of ShareGPT-like prompts (``max_num_seqs``, or ``params["num_seqs"]``), steps until every prompt is prefilled, then runs four windows of
-``num_steps`` engine steps of the whole batch:
+batch of ShareGPT-like prompts (``max_num_seqs``, or ``params["num_seqs"]``), steps until every
+prompt is prefilled, then runs four windows of ``num_steps`` engine steps of the whole batch:
 
 1. the timed windows: one recording device activity only, between two without the profiler
    (its host-side records and its instrumentation of the graph launches cost host time in every
