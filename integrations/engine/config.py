@@ -66,7 +66,9 @@ class EngineConfig:
             (default; regional compilation: fuses the blocks' elementwise work, one trace for every
             block; ~12 s more start-up for the 1.1B shape on an H100 the first time (Inductor caches
             its kernels on disk for the next), decode steps ~35% shorter, 1.44x the output tokens/s
-            of a ShareGPT-like run; other steps run the blocks eagerly). Ignored when eager.
+            of a ShareGPT-like run; other steps run the blocks eagerly). Also fuses each block's
+            sibling projections (q/k/v, gate/up) into one product each, in place. Ignored when
+            eager.
         async_scheduling: schedule and launch step ``t + 1`` while the device still runs step
             ``t`` (its sampled ids feed step ``t + 1`` on the device; the host reads them after
             launching), so the host's work hides behind the device's. Steps with beam search or

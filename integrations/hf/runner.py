@@ -20,6 +20,7 @@ import torch
 from .attention import ATTN_IMPLEMENTATION, bound_kv_caches, register
 from .context import PagedForwardContext, forward_context
 from .cuda_graphs import DecodeGraphs, compile_layers, decoder_layers, eager_stance
+from .fused_linear import fuse_sibling_linears
 from .kv_cache import PagedKVCache, kv_cache_bytes_per_block
 from .models import architecture_name, check_config_supported, check_model_supported
 from .step import StepInput, make_step_input
@@ -96,6 +97,8 @@ class ModelRunner:
         self.kv_cache: Optional[PagedKVCache] = None
         self.decode_graphs: Optional[DecodeGraphs] = None
         self._compiled_layers = False
+        #: groups of sibling projections replaced by one product (see capture_decode_graphs)
+        self.num_fused_projections = 0
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if num_gpu_blocks is not None:
             self.initialize_cache(num_gpu_blocks, num_cpu_blocks)
@@ -180,13 +183,17 @@ class ModelRunner:
             compile: ``torch.compile`` the model's decoder blocks (regional compilation,
                 ``fullgraph=True, dynamic=True``: elementwise work fused, one trace shared by the
                 blocks and every batch size but 1) before capturing; other steps keep running
-                them eagerly.
+                them eagerly. Also replaces each block's sibling projections (``q_proj / k_proj /
+                v_proj``, ``gate_proj / up_proj``) by one product each, in place, for every step
+                (:func:`~pagedattn.integrations.hf.fused_linear.fuse_sibling_linears`).
             num_steps: the most decode steps queued from one schedule (see :class:`DecodeGraphs`).
         """
         caches = self._cache().device_caches
         head = self.model.get_output_embeddings()
         vocab = head.weight.shape[0] if head is not None else self.model.config.vocab_size
         if compile:
+            # sibling projections (q/k/v, gate/up) as one product each: fewer, fuller kernels
+            self.num_fused_projections += fuse_sibling_linears(self.model)
             compile_layers(decoder_layers(self.model, self.spec.num_layers))
             self._compiled_layers = True
         # the caches are bound to the attention modules while capturing (one compiled trace serves

@@ -127,7 +127,7 @@ def test_compile_layers_raises_the_recompile_limit_to_the_number_of_blocks():
     assert all(getattr(m, "_compiled_call_impl", None) is not None for m in layers)
 
 
-def _compiled_trace_run(path, bound: bool):
+def _compiled_trace_run(path, bound: bool, fuse: bool = False):
     """Compile a 4-block Llama's blocks (backend "eager"), run one decode step of 3 sequences with the
     caches bound to the modules or passed by list; return (traces, logits, eager logits)."""
     import torch._dynamo as dynamo
@@ -158,6 +158,9 @@ def _compiled_trace_run(path, bound: bool):
     dynamo.reset()
     counters.clear()
     try:
+        if fuse:
+            from pagedattn.integrations.hf.fused_linear import fuse_sibling_linears
+            assert fuse_sibling_linears(runner.model) == 8
         compile_layers(decoder_layers(runner.model, 4), backend="eager")
         if bound:
             with bound_kv_caches(runner.model, caches):
@@ -178,11 +181,12 @@ def llama4(tmp_path_factory):
     return save_checkpoint(config, str(tmp_path_factory.mktemp("llama4")))
 
 
-@pytest.mark.parametrize("bound, traces", [(True, 1), (False, 4)])
-def test_caches_bound_to_the_modules_give_one_trace_for_every_block(llama4, bound, traces):
+@pytest.mark.parametrize("bound, traces, fuse", [(True, 1, False), (False, 4, False), (True, 1, True)])
+def test_caches_bound_to_the_modules_give_one_trace_for_every_block(llama4, bound, traces, fuse):
     """Caches picked by layer_idx from the context's list make Dynamo trace each block again; bound to
-    the attention modules, they are graph inputs and one trace serves all four blocks."""
-    num_traces, got, want = _compiled_trace_run(llama4, bound)
+    the attention modules, they are graph inputs and one trace serves all four blocks (also with the
+    sibling projections fused, as the engine's compiled graphs run them)."""
+    num_traces, got, want = _compiled_trace_run(llama4, bound, fuse)
     assert num_traces == traces
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
