@@ -38,13 +38,29 @@ class FusedLinear(nn.Module):
     def __init__(self, linears: list[nn.Linear]):
         super().__init__()
         self.sizes = [m.out_features for m in linears]
-        self.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
-        has_bias = linears[0].bias is not None
-        self.bias = (nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
-                     if has_bias else None)
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.weight = nn.Parameter(_concat_in_place([m.weight for m in linears]), requires_grad=False)
+        has_bias = linears[0].bias is not None
+        self.bias = (nn.Parameter(_concat_in_place([m.bias for m in linears]), requires_grad=False)
+                     if has_bias else None)
         #: (input, output slices) of the last whole product, until its last part takes its slice
         self.pending: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+
+def _concat_in_place(params: list[torch.Tensor]) -> torch.Tensor:
+    """The parameters concatenated along dim 0; each parameter then holds its rows of the result
+    (``.data`` swapped), so its old memory is freed at once, whoever else refers to the parameter,
+    and the model's weights are never held twice."""
+    first = params[0]
+    fused = torch.empty((sum(p.shape[0] for p in params), *first.shape[1:]), dtype=first.dtype,
+                        device=first.device)
+    offset = 0
+    for p in params:
+        rows = fused[offset:offset + p.shape[0]]
+        rows.copy_(p.detach())
+        p.data = rows
+        offset += p.shape[0]
+    return fused
 
 
 class FusedLinearPart(nn.Module):

@@ -175,7 +175,7 @@ class ModelRunner:
         return lambda: logits
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, compile: bool = False,
-                              num_steps: int = 1) -> DecodeGraphs:
+                              num_steps: int = 1, fuse_projections: bool = False) -> DecodeGraphs:
         """Capture the decode step in CUDA graphs for batches of up to ``max_num_seqs`` sequences of
         up to ``max_model_len`` tokens (CUDA only; the caches must be allocated).
 
@@ -183,8 +183,10 @@ class ModelRunner:
             compile: ``torch.compile`` the model's decoder blocks (regional compilation,
                 ``fullgraph=True, dynamic=True``: elementwise work fused, one trace shared by the
                 blocks and every batch size but 1) before capturing; other steps keep running
-                them eagerly. Also replaces each block's sibling projections (``q_proj / k_proj /
-                v_proj``, ``gate_proj / up_proj``) by one product each, in place, for every step
+                them eagerly.
+            fuse_projections: with ``compile``, first replace each block's sibling projections
+                (``q_proj / k_proj / v_proj``, ``gate_proj / up_proj``) by one product each, in
+                place, for every step
                 (:func:`~pagedattn.integrations.hf.fused_linear.fuse_sibling_linears`).
             num_steps: the most decode steps queued from one schedule (see :class:`DecodeGraphs`).
         """
@@ -192,8 +194,11 @@ class ModelRunner:
         head = self.model.get_output_embeddings()
         vocab = head.weight.shape[0] if head is not None else self.model.config.vocab_size
         if compile:
-            # sibling projections (q/k/v, gate/up) as one product each: fewer, fuller kernels
-            self.num_fused_projections += fuse_sibling_linears(self.model)
+            if fuse_projections:
+                # sibling projections (q/k/v, gate/up) as one product each: fewer, fuller kernels
+                self.num_fused_projections += fuse_sibling_linears(self.model)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # the replaced weights' blocks back to the driver
             compile_layers(decoder_layers(self.model, self.spec.num_layers))
             self._compiled_layers = True
         # the caches are bound to the attention modules while capturing (one compiled trace serves

@@ -36,6 +36,29 @@ def test_graph_batch_sizes_rejects_zero():
 def test_enforce_eager_must_be_bool():
     with pytest.raises(TypeError, match="EngineConfig.enforce_eager"):
         EngineConfig(num_gpu_blocks=8, enforce_eager="yes")
+    with pytest.raises(TypeError, match="EngineConfig.fuse_projections"):
+        EngineConfig(num_gpu_blocks=8, fuse_projections=1)
+    assert EngineConfig().fuse_projections is False  # opt-in (see its docstring)
+
+
+def test_fuse_projections_reaches_the_capture():
+    """maybe_capture_graphs passes the flag only when set (runners without it keep working)."""
+    seen = []
+
+    class Runner:
+        device = torch.device("cuda")
+
+        def capture_decode_graphs(self, max_num_seqs, max_model_len, compile=False, **kwargs):
+            seen.append((compile, kwargs))
+
+            class Graphs:
+                batch_sizes, max_batch, pool_bytes = [1], 1, 0
+            return Graphs()
+
+    for fuse in (False, True):
+        maybe_capture_graphs(Runner(), EngineConfig(num_gpu_blocks=8, fuse_projections=fuse,
+                                                    num_scheduler_steps=1), 128)
+    assert seen == [(True, {}), (True, {"fuse_projections": True})]
 
 
 def test_decode_graphs_need_cuda():

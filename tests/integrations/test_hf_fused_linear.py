@@ -47,7 +47,12 @@ def test_parts_in_any_order_or_alone_give_their_own_product():
     block.q_proj, block.k_proj, block.v_proj = (torch.nn.Linear(8, n, bias=True, dtype=torch.float64)
                                                  for n in (8, 4, 4))
     originals = [copy.deepcopy(getattr(block, n)) for n in ("q_proj", "k_proj", "v_proj")]
+    old_params = [getattr(block, n).weight for n in ("q_proj", "k_proj", "v_proj")]
     assert fuse_sibling_linears(block) == 1
+    # the replaced parameters now hold their rows of the fused weight: no copy of the weights is kept
+    fused_ptr = block.qkv_proj.weight.untyped_storage().data_ptr()
+    assert all(w.untyped_storage().data_ptr() == fused_ptr for w in old_params)
+    torch.testing.assert_close(old_params[1], originals[1].weight, rtol=0, atol=0)
     parts = [block.q_proj, block.k_proj, block.v_proj]
     assert all(isinstance(p, FusedLinearPart) for p in parts)
     x, y = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
