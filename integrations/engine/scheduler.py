@@ -182,10 +182,11 @@ class Scheduler(AdmissionMixin, PreemptionMixin):
                 output says so (``stalled``).
             num_steps: the most decode steps to run from this schedule. More than one are given
                 only to a batch of decode rows alone (nothing in prefill or swapped out, no
-                preemption, no request waiting unless its admission was deferred) whose groups sample one token a sequence from the engine's
-                generator or their own (no beams, no parallel samples sharing a generator), when
-                the blocks for ``num_steps`` tokens a sequence are free; a sequence runs fewer
-                steps when its ``max_tokens`` or the model's length end it sooner.
+                preemption, no request waiting unless its admission was deferred) whose groups
+                sample one token a sequence from the engine's generator or their own (no beams,
+                no parallel samples sharing a generator), when the blocks for ``num_steps``
+                tokens a sequence are free; a sequence runs fewer steps when its ``max_tokens``
+                or the model's length end it sooner.
         """
         out = SchedulerOutput()
         self._reset_step()
