@@ -173,18 +173,23 @@ def plot_all(res: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     models = [m for m in MODELS if isinstance(res.get(m), dict)]
+    card = res.get("card", "")
     pngs = []
     fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5 * max(len(models), 1), 4), squeeze=False)
     for ax, m in zip(axes[0], models):
         names, vals = [], []
+        nreq = {}
         for key in ("engine_sharegpt", "hf_cb_graphs", "hf_cb_default", "hf_generate"):
             r = res[m].get(key)
             if _ok(r) and r.get("output_tokens_per_s"):
-                names.append(key.replace("engine_sharegpt", "pagedattn"))
+                names.append(key.replace("engine_sharegpt", "pagedattn") + ("*" if r.get("partial") else ""))
                 vals.append(r["output_tokens_per_s"])
+                nreq[key] = r.get("requests")
         ax.bar(names, vals, color=["C0", "C1", "C2", "C3"][:len(vals)])
         ax.set_yscale("log")
-        ax.set_title(f"{m}: ShareGPT-like, output tokens/s")
+        ax.set_title(f"{m}: ShareGPT-like, output tokens/s\n{card}", fontsize=10)
+        ax.set_xlabel(f"pagedattn on {nreq.get('engine_sharegpt', '?')} requests; * partial: a rate over a time "
+                      f"slot", fontsize=8)
         ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
     pngs.append(out_dir / "e2e_throughput.png")
@@ -199,7 +204,7 @@ def plot_all(res: dict, out_dir: Path) -> list[Path]:
             ax.plot(*zip(*pts), "o-", label="pagedattn")
             ax.set_xlabel("request rate (req/s)")
             ax.set_ylabel("normalized latency (s/token)")
-            ax.set_title(f"{m}: ShareGPT-like, Poisson arrivals")
+            ax.set_title(f"{m}: ShareGPT-like, Poisson arrivals\n{card}", fontsize=10)
             ax.legend()
             fig.tight_layout()
             pngs.append(out_dir / f"e2e_latency_{m}.png")
@@ -210,7 +215,7 @@ def plot_all(res: dict, out_dir: Path) -> list[Path]:
             fig, ax = plt.subplots(figsize=(5, 4))
             ax.bar([f"{s['kind']}={s['width']}" for s in sh], [100 * s["saving_mean"] for s in sh])
             ax.set_ylabel("KV blocks saved by sharing (%)")
-            ax.set_title(f"{m}: Alpaca-like (Fig. 15)")
+            ax.set_title(f"{m}: Alpaca-like (Fig. 15)\n{card}", fontsize=10)
             fig.tight_layout()
             pngs.append(out_dir / f"e2e_sharing_{m}.png")
             fig.savefig(pngs[-1], dpi=120)
