@@ -269,6 +269,14 @@ def main(argv=None):
         update_figures(figs, card=card, command=command)
     print_table(res, figs)
     print(f"wrote {out_dir / name}")
+    if not args.sweep_only:
+        from bench.plot_ops import plot_prefill
+
+        try:
+            plot_prefill(res, out_dir / "prefill.png")
+            print(f"wrote {out_dir / 'prefill.png'}")
+        except ValueError as e:  # nothing measured (every case failed): the JSON says why
+            print(f"no prefill.png: {e}")
     return res
 
 

@@ -1,6 +1,7 @@
-"""Plots of the block-size and batch x context sweeps of ``bench/bench_ops.py``.
+"""Plots of the block-size and batch x context sweeps of ``bench/bench_ops.py`` and of ``bench/bench_prefill.py``.
 
-    python bench/plot_ops.py bench/results/<card>/ops.json   # redraws ops_block_size.png and ops_batch_ctx.png
+    python bench/plot_ops.py bench/results/<card>/ops.json       # redraws ops_block_size.png and ops_batch_ctx.png
+    python bench/plot_ops.py bench/results/<card>/prefill.json   # redraws prefill.png
 """
 from __future__ import annotations
 
@@ -96,10 +97,54 @@ def plot_batch_ctx(res: dict, path) -> None:
     plt.close(fig)
 
 
+def plot_prefill(res: dict, path) -> None:
+    """Prefill (causal, and over a paged prefix) and a mixed batch: time against SDPA on contiguous
+    K/V, and the fraction of the card's bf16 matrix-product rate (``bench/bench_prefill.py``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [(key, res.get(key) or {}) for key in ("prefill", "prefill_prefix")]
+    cases = [(key, sec) for key, sec in cases if "ms" in (sec.get("ours") or {})]
+    if not cases:
+        raise ValueError("no prefill measurements to plot")
+    labels = []
+    for key, sec in cases:
+        sh = sec.get("shape", {})
+        labels.append(f"{key}\n{sh.get('seqs')} x {sh.get('new_tokens')} new"
+                      + (f" + {sh.get('prefix')} cached" if sh.get("prefix") else ""))
+    x = range(len(cases))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for off, who, color in ((-0.2, "ours", "tab:blue"), (0.2, "sdpa", "tab:red")):
+        ax1.bar([i + off for i in x], [(sec.get(who) or {}).get("ms", 0.0) for _, sec in cases], 0.4,
+                color=color, label="pagedattn (paged)" if who == "ours" else "SDPA (contiguous)")
+        ax2.bar([i + off for i in x], [(sec.get(who) or {}).get("matmul_fraction", 0.0) for _, sec in cases], 0.4,
+                color=color)
+    mixed = (res.get("mixed") or {}).get("mixed") or {}
+    if "matmul_fraction" in mixed:
+        ax2.bar([len(cases)], [mixed["matmul_fraction"]], 0.4, color="tab:green", label="mixed batch (ours)")
+        labels.append("mixed\nprefill + decode rows")
+    ax1.set_xticks(list(x), labels[:len(cases)], fontsize=8)
+    ax2.set_xticks(list(range(len(labels))), labels, fontsize=8)
+    ax1.set_ylabel("ms (device time)")
+    ax2.set_ylabel("fraction of the bf16 matrix-product rate")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    card = res.get("card", "")
+    ax1.set_title(f"prefill time ({card})", fontsize=10)
+    ax2.set_title("achieved TFLOP/s over the measured matmul rate", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 if __name__ == "__main__":
     src = Path(sys.argv[1])
     res = json.loads(src.read_text())
-    for plot, name in ((plot_block_size, "ops_block_size.png"), (plot_batch_ctx, "ops_batch_ctx.png")):
+    plots = ((plot_prefill, "prefill.png"),) if src.name.startswith("prefill") else (
+        (plot_block_size, "ops_block_size.png"), (plot_batch_ctx, "ops_batch_ctx.png"))
+    for plot, name in plots:
         try:
             plot(res, src.with_name(name))
             print("wrote", src.with_name(name))
