@@ -332,13 +332,8 @@ class BlockPool:
         self.num_evictions += 1
 
     def reset_prefix_cache(self) -> bool:
-        """Forget every cached block, if no block is in use (all are free).
-
-        Not counted as evictions; the free queue keeps its order.
-
-        Returns:
-            Whether the cache was reset (False, and nothing changed, while any block is in use).
-        """
+        """Forget every cached block if none is in use (returns whether it did; not counted as
+        evictions, the free queue keeps its order)."""
         if self.num_used_blocks:
             return False
         for block in self.cached_blocks.values():
