@@ -1,5 +1,6 @@
-"""Admission for the scheduler: swapping groups back in, admitting waiting groups, and deciding
-which requests can never run (longer than the model, the step budget or the whole pool).
+"""Admission for the scheduler: swapping groups back in, when to admit waiting groups (in
+batches under a full queue), admitting them, and deciding which requests can never run (longer
+than the model, the step budget or the whole pool).
 
 Mixed into :class:`~pagedattn.integrations.engine.scheduler.Scheduler`, whose queues, allocator
 and per-step budget it uses.
@@ -21,7 +22,7 @@ __all__ = ["AdmissionMixin"]
 
 
 class AdmissionMixin:
-    """``_schedule_swapped``, ``_schedule_waiting`` and ``never_fits``."""
+    """``_schedule_swapped``, ``_admission_due``, ``_schedule_waiting`` and ``never_fits``."""
 
     # ---------------------------------------------------------------------- swapped
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
@@ -109,6 +110,19 @@ class AdmissionMixin:
                 else:
                     total += -(-len(s.token_ids) // bs)
         return total
+
+    def _admission_due(self) -> bool:
+        """Whether waiting requests may be admitted this step (``admit_min_free_seqs``): always
+        when the step has no decode rows; never when no sequence slot is free (the step may then
+        run several decode steps, ``num_scheduler_steps``); else once ``admit_min_free_seqs``
+        slots are free, every waiting request fits in them, or ``admit_max_delay_steps`` decode
+        steps passed since the last admission."""
+        cfg, free = self.config, self._seqs_left
+        if not self._decodes:
+            return True
+        return free > 0 and (cfg.admit_max_delay_steps == 0 or free >= cfg.admit_min_free
+                             or len(self.waiting) <= free
+                             or self._deferred_steps >= cfg.admit_max_delay_steps)
 
     def _schedule_waiting(self, out: SchedulerOutput) -> None:
         mgr, bs = self.mgr, self.mgr.block_size

@@ -302,19 +302,6 @@ class Scheduler(AdmissionMixin, PreemptionMixin):
         out.num_steps = max(steps)
         return steps if out.num_steps > 1 else None
 
-    def _admission_due(self) -> bool:
-        """Whether waiting requests may be admitted this step (``admit_min_free_seqs``): always
-        when the step has no decode rows; never when no sequence slot is free (the step may then
-        run several decode steps, ``num_scheduler_steps``); else once ``admit_min_free_seqs``
-        slots are free, every waiting request fits in them, or ``admit_max_delay_steps`` decode
-        steps passed since the last admission."""
-        cfg, free = self.config, self._seqs_left
-        if not self._decodes:
-            return True
-        return free > 0 and (cfg.admit_max_delay_steps == 0 or free >= cfg.admit_min_free
-                             or len(self.waiting) <= free
-                             or self._deferred_steps >= cfg.admit_max_delay_steps)
-
     def _decode_ready(self, g: SequenceGroup) -> bool:
         mgr, seqs = self.mgr, g.seqs
         if len(seqs) == 1:  # the common case, without a generator
