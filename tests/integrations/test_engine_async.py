@@ -118,15 +118,17 @@ def test_blocks_filled_by_pending_tokens_are_cached_under_their_real_ids():
     assert hits[True] == hits[False] > 0
 
 
-def test_abort_while_a_step_is_in_flight():
+@pytest.mark.parametrize("num_steps", [1, 5])
+def test_abort_while_a_step_is_in_flight(num_steps):
+    """One launched step, or a multi-step schedule of 5, in flight when a request is aborted."""
     ps = prompts([10, 12], seed=8)
-    engine = make_engine(128, async_scheduling=True)
+    engine = make_engine(128, async_scheduling=True, num_scheduler_steps=num_steps)
     params = SamplingParams(temperature=0, max_tokens=30)
     engine.add_request("keep", ps[0], params)
     engine.add_request("drop", ps[1], params)
     for _ in range(4):
         engine.step()
-    assert engine._inflight is not None
+    assert engine._inflight is not None and len(engine._inflight.steps) == num_steps
     assert engine.abort("drop")
     done = run_all(engine, [])
     assert set(done) == {"keep"}

@@ -92,22 +92,6 @@ def test_blocks_filled_by_a_multi_step_schedule_are_cached_under_their_real_ids(
     assert hits[6] == hits[1] > 0
 
 
-def test_abort_while_a_multi_step_schedule_is_in_flight():
-    ps = prompts([10, 12], seed=8)
-    engine = make_engine(128, num_scheduler_steps=5)
-    params = SamplingParams(temperature=0, max_tokens=30)
-    engine.add_request("keep", ps[0], params)
-    engine.add_request("drop", ps[1], params)
-    for _ in range(4):
-        engine.step()
-    assert engine._inflight is not None and len(engine._inflight.steps) == 5
-    assert engine.abort("drop")
-    done = run_all(engine, [])
-    assert set(done) == {"keep"}
-    assert done["keep"].outputs[0].token_ids == reference_greedy(ps[0], 30)
-    assert_no_leak(engine)
-
-
 def test_num_scheduler_steps_is_checked():
     with pytest.raises(ValueError, match="num_scheduler_steps"):
         make_engine(64, num_scheduler_steps=0)
