@@ -73,18 +73,19 @@ class FusedLinearPart(nn.Module):
         self.in_features = group.weight.shape[1]
         self.out_features = group.sizes[index]
 
+    def _rows(self, fused: torch.Tensor | None) -> torch.Tensor | None:
+        start = self.group.offsets[self.index]
+        return None if fused is None else fused[start:start + self.out_features]
+
     @property
     def weight(self) -> torch.Tensor:
         """This part's rows of the fused weight (a view)."""
-        g = self.group
-        return g.weight[g.offsets[self.index]:g.offsets[self.index] + self.out_features]
+        return self._rows(self.group.weight)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        g = self.group
-        if g.bias is None:
-            return None
-        return g.bias[g.offsets[self.index]:g.offsets[self.index] + self.out_features]
+        """This part's entries of the fused bias (a view), or ``None``."""
+        return self._rows(self.group.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, i = self.group, self.index
