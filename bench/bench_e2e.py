@@ -213,11 +213,11 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
                    engine_overrides=dict(max_num_seqs=n, max_num_batched_tokens=max(8192, n)))
             st("engine_profile_steps1", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
                engine_overrides=dict(num_scheduler_steps=1))
-            # sibling projections fused (EngineConfig.fuse_projections, opt-in): on request
-            st("engine_sharegpt_fused", "engine", sg, 120, 40, prio=1, optional=True, first_n=n_cb,
-               engine_overrides=dict(fuse_projections=True))
-            st("engine_profile_fused", "engine_profile", sg, 90, 40, prio=1, num_steps=16, optional=True,
-               engine_overrides=dict(fuse_projections=True))
+            # sibling projections not fused (EngineConfig.fuse_projections=False; fused by default): on request
+            st("engine_sharegpt_unfused", "engine", sg, 120, 40, prio=1, optional=True, first_n=n_cb,
+               engine_overrides=dict(fuse_projections=False))
+            st("engine_profile_unfused", "engine_profile", sg, 90, 40, prio=1, num_steps=16, optional=True,
+               engine_overrides=dict(fuse_projections=False))
             # a small batch (the end of a throughput run, where the host bounds the step)
             st("engine_profile_small", "engine_profile", sg, 90, 40, prio=1, num_steps=16, optional=True,
                num_seqs=16)

@@ -38,7 +38,7 @@ def test_enforce_eager_must_be_bool():
         EngineConfig(num_gpu_blocks=8, enforce_eager="yes")
     with pytest.raises(TypeError, match="EngineConfig.fuse_projections"):
         EngineConfig(num_gpu_blocks=8, fuse_projections=1)
-    assert EngineConfig().fuse_projections is False  # opt-in (see its docstring)
+    assert EngineConfig().fuse_projections is True  # the default (see its docstring)
 
 
 def test_fuse_projections_reaches_the_capture():
