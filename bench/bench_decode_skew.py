@@ -5,9 +5,12 @@ The engine's decode steps run the decode kernel over ShareGPT-like contexts (log
 prompt tokens plus what was generated, capped at 1,024) through a block table as wide as ``max_model_len``.
 One program of the kernel reads one (sequence, KV head, split)'s tokens in order, so without splits the
 longest context of the batch bounds the kernel's time while the short ones are long done. This benchmark
-times ``num_splits`` = auto (the launcher's choice) and fixed 1, 2, 4, 8, 16 on the attention geometry of the
-1.1B Llama (32 heads, 4 KV heads, head 64, bf16, block 16, 2,048-token tables, 256 sequences) and the launcher's tuning knobs (warps, pipeline stages, tile length) on the
-same batch, and auto and 8 splits on the ops benchmark's main shape (64 x 4096, 32 / 8 heads, head 128); each
+times ``num_splits`` = auto (the launcher's choice: per-sequence splits here, bench/NOTES.md "Decode v7") and
+fixed (uniform) 1, 2, 4, 8, 16 on the attention geometry of the 1.1B Llama (32 heads, 4 KV heads, head 64,
+bf16, block 16, 2,048-token tables, 256 sequences), the launcher's tuning knobs (warps, pipeline stages, tile
+length) and per-sequence split settings (most parts a sequence, fewest tokens a part) on the same batch, and
+auto, 8 uniform splits and no per-sequence splits on the ops benchmark's main shape (64 x 4096, 32 / 8 heads,
+head 128), with the engine batch's three fastest settings; each
 variant is checked against the PyTorch reference (float32) first. The engine-like batch runs over 22 layers'
 caches in turn, as the model does (one layer's ~50 MB of K/V would stay in an H100's L2 if replayed alone);
 times are per layer.
@@ -47,6 +50,21 @@ DRY = SimpleNamespace(seqs=6, heads=4, kv_heads=2, head_size=64, block=16, width
 SPLITS = (1, 2, 4, 8, 16)
 #: DECODE_TUNING overrides timed on the engine-like batch (its default: 4 warps, 2 stages, 64-token tiles)
 TUNINGS = [dict(num_warps=w, num_stages=st, tile_n=t) for w in (2, 4) for st in (1, 2, 3) for t in (16, 32, 64)]
+TUNINGS += [dict(num_warps=w, num_stages=st, tile_n=128) for w in (4, 8) for st in (2, 3)]
+#: per-sequence split settings timed on the engine-like batch (max_parts_per_seq 1: none), default tiles
+#: and the 128-token tiles
+PARTS = [dict(max_parts_per_seq=p, min_tokens_per_part=m) for p, m in
+         ((1, 256), (2, 256), (4, 128), (4, 256), (4, 512), (8, 128), (8, 256))]
+PARTS += [dict(p, num_warps=4, num_stages=3, tile_n=128) for p in PARTS[1:5]]
+
+
+def tuning_name(t: dict) -> str:
+    """``w4_s3_t128``-style name of a tuning, with ``_p4_m256`` for per-sequence split settings."""
+    name = "_".join(f"{k}{t[key]}" for k, key in (("w", "num_warps"), ("s", "num_stages"), ("t", "tile_n"))
+                    if key in t)
+    if "max_parts_per_seq" in t:
+        name = (name + "_" if name else "") + f"p{t['max_parts_per_seq']}_m{t['min_tokens_per_part']}"
+    return name
 
 
 def skewed_case(e, seed: int = 0):
@@ -99,10 +117,10 @@ def variant(c, ref, sh, num_splits=None, tuning=None) -> dict:
             return outs[0]
 
         diff = max_diff(fn(), ref)
-        chosen = num_splits or launchers.choose_num_splits(c.q.shape[0], c.kc.shape[2],
-                                                           c.max_len or c.bt.shape[1] * c.kc.shape[1], hx.DEV)
+        chosen, per_seq = (num_splits, False) if num_splits else launchers.plan_decode_splits(
+            c.q.shape[0], c.kc.shape[2], c.max_len or c.bt.shape[1] * c.kc.shape[1], hx.DEV)
         r = rec(timeit(fn, sh) / len(caches), c.kv_bytes, max_abs_diff=diff, ok=diff <= TOL, num_splits=chosen,
-                tuning=tuning or {})
+                per_seq=per_seq, tuning=tuning or {})
     except Exception as e:  # noqa: BLE001
         r = {"error": f"{type(e).__name__}: {e}"}
     finally:
@@ -132,25 +150,27 @@ def main(argv=None) -> None:
     rows = {"auto": variant(c, ref, sh)}
     for n in SPLITS:
         rows[f"splits_{n}"] = variant(c, ref, sh, num_splits=n)
-    for t in TUNINGS:
-        rows["w{num_warps}_s{num_stages}_t{tile_n}".format(**t)] = variant(c, ref, sh, tuning=t)
+    for t in TUNINGS + PARTS:
+        rows[tuning_name(t)] = variant(c, ref, sh, tuning=t)
     res["engine"] = rows
     if not args.dry_run:  # the main shape (1 GiB of K/V) only on the GPU
         m = make_case(FULL.seqs, FULL.seq_len, FULL.block, "HND", FULL)
         m.max_len = FULL.seq_len
         ref_m = reference(m)
-        res["main"] = {"auto": variant(m, ref_m, sh), "splits_8": variant(m, ref_m, sh, num_splits=8)}
+        res["main"] = {"auto": variant(m, ref_m, sh), "splits_8": variant(m, ref_m, sh, num_splits=8),
+                       "p1_m256": variant(m, ref_m, sh, tuning=PARTS[0])}  # per-sequence splits off
         # the engine batch's three fastest tunings, on the main shape too (a default must not lose there)
-        timed = sorted((r["ms"], name) for name, r in rows.items() if name[0] == "w" and "ms" in r)
+        timed = sorted((r["ms"], name) for name, r in rows.items() if name[0] in "wp" and "ms" in r)
         for _, name in timed[:3]:
-            res["main"][name] = variant(m, ref_m, sh, tuning=next(
-                t for t in TUNINGS if "w{num_warps}_s{num_stages}_t{tile_n}".format(**t) == name))
+            res["main"][name] = variant(m, ref_m, sh, tuning=next(t for t in TUNINGS + PARTS
+                                                                  if tuning_name(t) == name))
     out_dir = Path(tempfile.mkdtemp()) if args.dry_run else ROOT / "bench" / "results" / card_slug(card)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "decode_skew.json").write_text(json.dumps(res, indent=1))
     for section in ("engine", "main"):
         for name, r in res.get(section, {}).items():
-            print(f"{section:6s} {name:24s} " + (f"{r['ms'] * 1e3:8.1f} us  splits {r['num_splits']:3d}  "
+            print(f"{section:6s} {name:24s} " + (f"{r['ms'] * 1e3:8.1f} us  splits {r['num_splits']:3d}"
+                                                 f"{' per seq' if r.get('per_seq') else '        '}  "
                                                  f"diff {r['max_abs_diff']:.1e} {'ok' if r['ok'] else 'FAIL'}"
                                                  if "ms" in r else r.get("error", "")), flush=True)
     print(f"results: {out_dir / 'decode_skew.json'}")

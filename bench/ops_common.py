@@ -133,8 +133,13 @@ def gather_onepass(cache, bt, L):
 
 
 def effective_splits(S, L, sh, num_splits=None) -> int:
-    """The split count the launcher uses (mirrors launchers.paged_decode)."""
-    n = num_splits or launchers.choose_num_splits(S, sh.kv_heads, L, hx.DEV)
+    """The split count the launcher uses (mirrors launchers.paged_decode; with per-sequence splits the
+    most parts one sequence gets)."""
+    n = num_splits
+    if not n:
+        n, per_seq = launchers.plan_decode_splits(S, sh.kv_heads, L, hx.DEV)
+        if per_seq:
+            return n
     tile = launchers.decode_tile_n(triton.next_power_of_2(sh.head_size), sh.dtype)
     per = triton.cdiv(triton.cdiv(L, n), tile) * tile
     return max(1, min(n, triton.cdiv(L, per)))

@@ -27,6 +27,10 @@ DECODE_TUNING = {
     "num_warps": 4,
     "num_stages": 2,
     "tile_n": None,               # None: chosen from head size and dtype
+    # full batches: a sequence's context is cut into parts of at least this many tokens, at most
+    # max_parts_per_seq of them (1: no per-sequence splits)
+    "min_tokens_per_part": 256,
+    "max_parts_per_seq": 4,
 }
 
 
@@ -48,25 +52,42 @@ def dot_in_float32(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu")
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """How many programs share one (sequence, KV head)'s context (see :func:`num_splits_for`)."""
+def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                       device: torch.device) -> tuple[int, bool]:
+    """``(num_splits, per_seq)`` for a decode launch whose split count is left to the launcher: few
+    (sequence, KV head) pairs get uniform splits (:func:`num_splits_for`), enough pairs to fill the GPU
+    per-sequence ones (:func:`parts_per_seq_for`); 1 split off CUDA."""
     if device.type != "cuda":
-        return 1
-    return num_splits_for(num_seqs * num_kv_heads, max_seq_len, num_multiprocessors(device.index or 0))
+        return 1, False
+    programs, num_sms = num_seqs * num_kv_heads, num_multiprocessors(device.index or 0)
+    if programs >= num_sms:
+        parts = parts_per_seq_for(max_seq_len)
+        return parts, parts > 1
+    return num_splits_for(programs, max_seq_len, num_sms), False
 
 
 def num_splits_for(programs: int, max_seq_len: int, num_sms: int) -> int:
-    """The split count for ``programs`` (sequence, KV head) pairs of contexts up to ``max_seq_len``.
+    """The uniform split count for ``programs`` (sequence, KV head) pairs of contexts up to ``max_seq_len``.
 
-    Enough pairs to fill the GPU: no split. Fewer: split until about ``target_waves`` programs per
-    multiprocessor run, no split shorter than ``min_tokens_per_split``. (Splitting full batches of
-    skewed short contexts was tried and bought nothing: bench/NOTES.md "Decode v5".)
+    Enough pairs to fill the GPU: no uniform split (full batches of skewed short contexts gained
+    nothing from it: bench/NOTES.md "Decode v5"; they get per-sequence splits instead). Fewer: split
+    until about ``target_waves`` programs per multiprocessor run, no split shorter than
+    ``min_tokens_per_split``.
     """
     t = DECODE_TUNING
     if programs >= num_sms:
         return 1  # one (sequence, KV head) per program already fills the GPU
     by_length = max(1, max_seq_len // t["min_tokens_per_split"])
     return max(1, min(triton.cdiv(t["target_waves"] * num_sms, programs), by_length, 256))
+
+
+def parts_per_seq_for(max_seq_len: int) -> int:
+    """The most programs one (sequence, KV head) of a full batch may get (the grid's third axis): each
+    sequence is cut by its own length into parts of at least ``min_tokens_per_part`` tokens, at most
+    ``max_parts_per_seq`` (so that a batch's few long contexts do not run alone at its end:
+    bench/NOTES.md "Decode v7")."""
+    t = DECODE_TUNING
+    return max(1, min(t["max_parts_per_seq"], triton.cdiv(max(max_seq_len, 1), max(1, t["min_tokens_per_part"]))))
 
 
 def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -83,10 +104,15 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     tile_n = decode_tile_n(block_d, query.dtype)
     capacity = block_tables.shape[1] * block_size
     max_len = min(max_seq_len, capacity) if max_seq_len > 0 else capacity
+    per_seq = False
     if num_splits <= 0:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_len, query.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), tile_n) * tile_n
-    num_splits = max(1, min(num_splits, triton.cdiv(max(max_len, 1), tokens_per_split)))
+        num_splits, per_seq = plan_decode_splits(num_seqs, num_kv_heads, max_len, query.device)
+    if per_seq:
+        # the kernel sizes each sequence's parts; the launcher passes their minimum length
+        tokens_per_split = triton.cdiv(max(1, DECODE_TUNING["min_tokens_per_part"]), tile_n) * tile_n
+    else:
+        tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), tile_n) * tile_n
+        num_splits = max(1, min(num_splits, triton.cdiv(max(max_len, 1), tokens_per_split)))
 
     if num_splits > 1:
         part_out = torch.empty((num_seqs, num_heads, num_splits, block_d), dtype=torch.float32, device=query.device)
@@ -113,18 +139,21 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         num_blocks, block_tables.shape[1], block_size.bit_length() - 1, group_size,
         sliding_window, tokens_per_split,
         HEAD_SIZE=head_size, BLOCK_M=block_m, BLOCK_D=block_d, TILE_N=tile_n, SPLIT=num_splits > 1,
+        PER_SEQ=per_seq,
         USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
         WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
         **extra,
     )
     if num_splits > 1:
-        merge_splits_kernel[(num_seqs, num_heads)](
+        merge_splits_kernel[(num_seqs, num_kv_heads)](
             part_out, part_lse,
             out, *out.stride(),
             lse_arg, *lse_strides,
-            head_size, num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            WRITE_LSE=lse is not None,
+            seq_lens,
+            head_size, num_splits, group_size,
+            block_tables.shape[1], block_size.bit_length() - 1, sliding_window, tokens_per_split,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, TILE_N=tile_n,
+            USE_WINDOW=sliding_window > 0, PER_SEQ=per_seq, WRITE_LSE=lse is not None,
         )
 
 

@@ -3,9 +3,15 @@
 One program handles one (sequence, KV head, context split): all the query heads that share the
 KV head (a GQA group, padded to at least 16 rows so that the two products run on the tensor
 cores) against ``TILE_N`` context tokens at a time. Each tile gathers its tokens through the
-block table, so any power-of-two block size from 1 to 256 is served by the same code. Long
-contexts with few sequences are split across programs (flash-decoding); the splits write
-normalized partial outputs and their log-sum-exp, and a second kernel merges them.
+block table, so any power-of-two block size from 1 to 256 is served by the same code.
+
+Contexts are split across programs (flash-decoding) in one of two ways. Uniform splits (few
+sequences, long contexts): every context is cut at the same ``tokens_per_split`` boundaries.
+Per-sequence splits (``PER_SEQ``; full batches of skewed lengths): a sequence of ``len`` tokens
+gets ``n = clamp(ceil(len / tokens_per_split), 1, num_splits)`` equal tile-aligned parts, so a
+long context no longer runs alone at the end while the short ones are long done; programs past
+``n`` return at once, and a sequence of one part writes its output directly. Split programs
+write normalized partial outputs and their log-sum-exp, and a second kernel merges them.
 
 Masking, not trust: lengths are clamped to the block table's capacity, block ids outside the
 pool and tokens past the length are never loaded, and a query that sees no token gets a zero
@@ -26,6 +32,27 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
+@triton.jit
+def _context_parts(seq_lens_ptr, seq, capacity, sliding_window, tokens_per_split, num_splits,
+                   TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, PER_SEQ: tl.constexpr):
+    """``(seq_len, window_start, lo, num_parts)`` of one sequence: its length clamped to the table's
+    ``capacity``, the first token its window sees, that token's tile start ``lo`` (the first token read),
+    and how many programs cover it: with ``PER_SEQ`` parts of at least ``tokens_per_split`` tokens over
+    ``[lo, seq_len)``, at least 1 and at most ``num_splits``; else ``num_splits``. The decode kernel and
+    the merge both call this, so they agree on the count."""
+    seq_len = tl.load(seq_lens_ptr + seq)
+    seq_len = tl.minimum(tl.maximum(seq_len, 0), capacity)
+    window_start = seq_len * 0
+    if USE_WINDOW:
+        window_start = tl.maximum(seq_len - sliding_window, 0)
+    lo = (window_start // TILE_N) * TILE_N
+    if PER_SEQ:
+        num_parts = tl.minimum(tl.maximum(tl.cdiv(seq_len - lo, tokens_per_split), 1), num_splits)
+    else:
+        num_parts = seq_len * 0 + num_splits
+    return seq_len, window_start, lo, num_parts
+
+
 @triton.jit(do_not_specialize=["stride_bts", "num_blocks", "max_blocks_per_seq", "log2_block_size", "group_size",
                                 "sliding_window", "tokens_per_split"])
 def paged_decode_kernel(
@@ -42,7 +69,7 @@ def paged_decode_kernel(
     num_blocks, max_blocks_per_seq, log2_block_size, group_size,
     sliding_window, tokens_per_split,
     HEAD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, PER_SEQ: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
     WRITE_LSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -51,18 +78,27 @@ def paged_decode_kernel(
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
 
+    seq_len, window_start, lo, num_parts = _context_parts(
+        seq_lens_ptr, seq, max_blocks_per_seq << log2_block_size, sliding_window, tokens_per_split, num_splits,
+        TILE_N, USE_WINDOW, PER_SEQ)
     block_size = 1 << log2_block_size
-    seq_len = tl.load(seq_lens_ptr + seq)
-    seq_len = tl.minimum(tl.maximum(seq_len, 0), max_blocks_per_seq * block_size)
 
-    start = split * tokens_per_split
-    end = tl.minimum(seq_len, start + tokens_per_split)
-    if split == num_splits - 1:
-        end = seq_len  # the last split takes whatever is left: nothing is dropped
-    window_start = 0
-    if USE_WINDOW:
-        window_start = tl.maximum(seq_len - sliding_window, 0)
-        start = tl.maximum(start, (window_start // TILE_N) * TILE_N)
+    if PER_SEQ:
+        if split >= num_parts:
+            return
+        part_len = tl.cdiv(tl.cdiv(seq_len - lo, num_parts), TILE_N) * TILE_N
+        start = lo + split * part_len
+        end = tl.minimum(seq_len, start + part_len)
+        if split == num_parts - 1:
+            end = seq_len
+        partial = num_parts > 1  # a sequence of one part writes its output directly
+    else:
+        start = split * tokens_per_split
+        end = tl.minimum(seq_len, start + tokens_per_split)
+        if split == num_splits - 1:
+            end = seq_len  # the last split takes whatever is left: nothing is dropped
+        start = tl.maximum(start, lo)
+        partial = SPLIT  # uniform splits: every program writes partials when there are several
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -125,7 +161,7 @@ def paged_decode_kernel(
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]
     lse = tl.where(has_any, m_i + tl.log(tl.where(has_any, l_i, 1.0)), float("-inf"))
     out_mask = m_mask[:, None] & d_mask[None, :]
-    if not SPLIT:
+    if not partial:
         tl.store(out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=out_mask)
         if WRITE_LSE:
@@ -138,32 +174,47 @@ def paged_decode_kernel(
         tl.store(part_lse_ptr + row, lse, mask=m_mask)
 
 
-@triton.jit(do_not_specialize=["head_size", "num_splits"])
+@triton.jit(do_not_specialize=["head_size", "num_splits", "group_size", "max_blocks_per_seq", "log2_block_size",
+                                "sliding_window", "tokens_per_split"])
 def merge_splits_kernel(
     part_out_ptr, part_lse_ptr,
     out_ptr, stride_os, stride_oh, stride_od,
     lse_ptr, stride_ls, stride_lh,
-    head_size, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_LSE: tl.constexpr,
+    seq_lens_ptr,
+    head_size, num_splits, group_size,
+    max_blocks_per_seq, log2_block_size, sliding_window, tokens_per_split,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, PER_SEQ: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
-    """Merge the splits of one (sequence, head): weights exp(lse_s - max) over their sum."""
+    """Merge the splits of one (sequence, KV head)'s query heads: weights exp(lse_s - max) over their
+    sum. With ``PER_SEQ`` only the sequence's own parts are read, and a sequence of one part (its
+    output written by the decode kernel) is left alone."""
     seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row = seq.to(tl.int64) * tl.num_programs(1) + head
+    kv_head = tl.program_id(1)
+    seq_len, window_start, lo, num_parts = _context_parts(
+        seq_lens_ptr, seq, max_blocks_per_seq << log2_block_size, sliding_window, tokens_per_split, num_splits,
+        TILE_N, USE_WINDOW, PER_SEQ)
+    if PER_SEQ:
+        if num_parts <= 1:
+            return
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    lse_s = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
-    lse_max = tl.max(lse_s, 0)
-    has_any = lse_max > float("-inf")
-    lse_max = tl.where(has_any, lse_max, 0.0)
-    w = tl.exp(lse_s - lse_max)
-    w_sum = tl.sum(w, 0)
-    parts = tl.load(part_out_ptr + (row * num_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
-                    mask=s_mask[:, None] & (offs_d[None, :] < head_size) & (w[:, None] > 0), other=0.0)
-    o = tl.sum(parts * w[:, None], 0) / tl.where(has_any, w_sum, 1.0)
-    tl.store(out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d * stride_od,
-             o.to(out_ptr.dtype.element_ty), mask=offs_d < head_size)
-    if WRITE_LSE:
-        lse = tl.where(has_any, lse_max + tl.log(tl.where(has_any, w_sum, 1.0)), float("-inf"))
-        tl.store(lse_ptr + seq.to(tl.int64) * stride_ls + head * stride_lh, lse)
+    s_mask = offs_s < num_parts
+    d_mask = offs_d < head_size
+    for h in range(group_size):
+        head = kv_head * group_size + h
+        row = seq.to(tl.int64) * (tl.num_programs(1) * group_size) + head
+        lse_s = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
+        lse_max = tl.max(lse_s, 0)
+        has_any = lse_max > float("-inf")
+        lse_max = tl.where(has_any, lse_max, 0.0)
+        w = tl.exp(lse_s - lse_max)
+        w_sum = tl.sum(w, 0)
+        parts = tl.load(part_out_ptr + (row * num_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
+                        mask=s_mask[:, None] & d_mask[None, :] & (w[:, None] > 0), other=0.0)
+        o = tl.sum(parts * w[:, None], 0) / tl.where(has_any, w_sum, 1.0)
+        tl.store(out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=d_mask)
+        if WRITE_LSE:
+            lse = tl.where(has_any, lse_max + tl.log(tl.where(has_any, w_sum, 1.0)), float("-inf"))
+            tl.store(lse_ptr + seq.to(tl.int64) * stride_ls + head * stride_lh, lse)

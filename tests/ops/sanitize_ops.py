@@ -36,6 +36,12 @@ def run_ops(dtype, head, block_size, layout) -> None:
         out, lse = ops.paged_decode_attention(query, kc, vc, tables, lens, num_splits=num_splits, return_lse=True,
                                               alibi_slopes=slopes, sliding_window=block_size + 3, softcap=3.0)
         assert torch.isfinite(out).all()
+    # a full batch with wide tables (Triton: per-sequence splits; 160 sequences x 2 KV heads fill the GPU):
+    # the hostile rows repeated, lengths up to 2**30 clamped to 40 blocks
+    wide = tables.repeat(40, 14)[:, :40].contiguous()
+    out, lse = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40), return_lse=True,
+                                          alibi_slopes=slopes, sliding_window=7 * block_size + 3, softcap=3.0)
+    assert torch.isfinite(out).all()
     cu = torch.tensor([0, 3, 2, 10**6, 7], dtype=torch.int32, device="cuda")  # garbage, clamped
     for hint in (0, 1):
         q7 = query.repeat(2, 1, 1)[:7]

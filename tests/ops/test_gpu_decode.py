@@ -132,3 +132,70 @@ def test_decode_cuda_graph_replay_with_new_tables_and_lengths(num_splits):
                                0, 0.0, None, ref_lse)
         torch.testing.assert_close(out.float(), ref, atol=2.5e-2, rtol=0, msg=f"replay {step}")
         torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
+
+
+FULL_BATCH_CASES = [
+    # dtype, (heads, kv heads), head size, block size, features: 192 sequences of skewed lengths
+    (torch.bfloat16, (32, 4), 64, 16, {}),
+    (torch.bfloat16, (32, 4), 64, 16, {"sliding_window": 300, "softcap": 3.0, "alibi": True}),
+    (torch.float16, (8, 8), 128, 32, {"return_lse": False}),
+    (torch.float32, (16, 2), 96, 8, {"layout": "NHD"}),
+]
+
+
+@pytest.mark.parametrize("case", FULL_BATCH_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1][0]}kv{c[1][1]}-d{c[2]}")
+def test_decode_full_batch_per_sequence_splits(case):
+    """A full batch of skewed lengths (0 to 1,500 tokens): the launcher picks per-sequence splits (asserted),
+    so short sequences write their output directly and long ones are cut into parts and merged."""
+    from pagedattn.ops import launchers
+
+    dtype, (heads, kv_heads), head, block, feats = case
+    feats = dict(feats)
+    g = torch.Generator().manual_seed(zlib.crc32(str(case).encode()))
+    lens = torch.cat([torch.tensor([0, 1, 255, 256, 257, 1500]),
+                      (torch.rand(186, generator=g) ** 3 * 1500).long() + 1]).tolist()
+    p = make_decode_problem(lens, heads, kv_heads, head, block, dtype, "cuda", layout=feats.pop("layout", "HND"),
+                            alibi=feats.pop("alibi", False), generator=g)
+    num_splits, per_seq = launchers.plan_decode_splits(len(lens), kv_heads, p.block_tables.shape[1] * block,
+                                                       p.query.device)
+    assert per_seq and num_splits > 1
+    run_decode_and_check(p, dtype, what=f"full batch {case}", **feats)
+
+
+def test_decode_cuda_graph_replay_full_batch_new_lengths():
+    """Per-sequence splits inside a CUDA graph: each replay's lengths (short and long mixed) set the parts."""
+    from pagedattn.ops import launchers
+
+    g = torch.Generator().manual_seed(21)
+    n = 160
+    p = make_decode_problem([1024] * n, 32, 4, 64, 16, torch.bfloat16, "cuda", generator=g)
+    assert launchers.plan_decode_splits(n, 4, p.block_tables.shape[1] * 16, p.query.device)[1]
+    out = torch.empty_like(p.query)
+    lse = torch.empty(p.query.shape[:2], device="cuda")
+
+    def call():
+        paged_decode_attention(p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, out=out, lse=lse)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for step in range(3):
+        p.seq_lens.copy_(torch.randint(0, 1025, (n,), generator=g, dtype=torch.int32))
+        p.query.normal_()
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = torch.empty(p.query.shape, device="cuda")
+        ref_lse = torch.empty(p.query.shape[:2], device="cuda")
+        reference.paged_decode(ref, p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, 64 ** -0.5,
+                               0, 0.0, None, ref_lse)
+        torch.testing.assert_close(out.float(), ref, atol=2.5e-2, rtol=0, msg=f"replay {step}")
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(finite, torch.isfinite(lse)), f"replay {step}: -inf lse entries differ"
+        torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-3)

@@ -84,6 +84,56 @@ def test_copy_blocks_kernel_matches_reference():
     assert torch.equal(caches[0][3], caches[0][0]) and torch.equal(caches[3][7], caches[3][6])
 
 
+PER_SEQ_CASES = [
+    # dtype, heads, kv heads, head size, block size, seq_lens, features; parts of >= 16 tokens, <= 4 a sequence
+    (torch.float32, 4, 2, 64, 4, [0, 1, 15, 16, 17, 40, 70, 300], {}),
+    (torch.float32, 8, 2, 64, 8, [150, 7, 65], {"sliding_window": 40, "alibi": True, "softcap": 3.0}),
+    (torch.bfloat16, 4, 1, 128, 16, [129, 33, 2], {"return_lse": False}),
+    (torch.float32, 2, 2, 80, 2, [31, 64, 90], {"sliding_window": 5}),
+]
+
+
+@pytest.mark.parametrize("case", PER_SEQ_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-b{c[4]}")
+def test_decode_per_sequence_splits_match_reference(case, monkeypatch):
+    """The full-batch rule (each sequence cut by its own length; the CPU never picks it) forced on: short
+    sequences write their output directly, long ones are merged, windows start their parts at the window."""
+    from pagedattn.ops import launchers
+
+    dtype, heads, kv_heads, head_size, block_size, lens, feats = case
+    feats = dict(feats)
+    monkeypatch.setitem(launchers.DECODE_TUNING, "min_tokens_per_part", 16)
+    monkeypatch.setitem(launchers.DECODE_TUNING, "max_parts_per_seq", 4)
+    monkeypatch.setattr(launchers, "plan_decode_splits",
+                        lambda num_seqs, num_kv_heads, max_len, device: (launchers.parts_per_seq_for(max_len), True))
+    g = torch.Generator().manual_seed(7 + head_size + block_size)
+    problem = make_decode_problem(lens, heads, kv_heads, head_size, block_size, dtype, DEVICE,
+                                  alibi=feats.pop("alibi", False), generator=g)
+    run_decode_and_check(problem, dtype, what=str(case), **feats)
+
+
+def test_decode_per_sequence_splits_mask_bad_values(monkeypatch):
+    """Block ids outside the pool skipped, lengths clamped to the table, as with one program a sequence."""
+    from pagedattn.ops import launchers
+
+    monkeypatch.setitem(launchers.DECODE_TUNING, "min_tokens_per_part", 16)
+    monkeypatch.setattr(launchers, "plan_decode_splits", lambda *a: (3, True))
+    g = torch.Generator().manual_seed(11)
+    p = make_decode_problem([60, 9, 40], 4, 2, 64, 4, torch.float32, DEVICE, generator=g)
+    p.key_cache.nan_to_num_(0.5)
+    p.value_cache.nan_to_num_(0.25)
+    p.block_tables[0, 3] = 10_000
+    p.block_tables[2, 0] = -3
+    p.seq_lens[1] = 1_000_000  # clamped to the table's capacity (60 tokens: split too)
+    run_decode_and_check(p, torch.float32, what="bad values, per-sequence splits")
+
+
+@pytest.mark.parametrize("max_len, want", [(2048, 4), (600, 3), (256, 1), (1, 1), (10**9, 4)])
+def test_parts_per_seq_bounded_by_length_and_setting(max_len, want):
+    from pagedattn.ops import launchers
+
+    assert launchers.parts_per_seq_for(max_len) == want
+
+
 @pytest.mark.parametrize("programs, max_len, want", [
     (1024, 2048, 1),    # a full batch: no split, however long its contexts may be
     (512, 4096, 1),
