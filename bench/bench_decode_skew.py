@@ -10,7 +10,8 @@ fixed (uniform) 1, 2, 4, 8, 16 on the attention geometry of the 1.1B Llama (32 h
 bf16, block 16, 2,048-token tables, 256 sequences), the launcher's tuning knobs (warps, pipeline stages, tile
 length) and per-sequence split settings (most parts a sequence, fewest tokens a part) on the same batch, and
 auto, 8 uniform splits and no per-sequence splits on the ops benchmark's main shape (64 x 4096, 32 / 8 heads,
-head 128), with the engine batch's three fastest settings; each
+head 128), with the engine batch's three fastest settings, and auto, 1 and 4 uniform splits on 16 sequences of
+the engine's distribution (the end of a throughput run); each
 variant is checked against the PyTorch reference (float32) first. The engine-like batch runs over 22 layers'
 caches in turn, as the model does (one layer's ~50 MB of K/V would stay in an H100's L2 if replayed alone);
 times are per layer.
@@ -51,19 +52,21 @@ SPLITS = (1, 2, 4, 8, 16)
 #: DECODE_TUNING overrides timed on the engine-like batch (its default: 4 warps, 2 stages, 64-token tiles)
 TUNINGS = [dict(num_warps=w, num_stages=st, tile_n=t) for w in (2, 4) for st in (1, 2, 3) for t in (16, 32, 64)]
 TUNINGS += [dict(num_warps=w, num_stages=st, tile_n=128) for w in (4, 8) for st in (2, 3)]
-#: per-sequence split settings timed on the engine-like batch (max_parts_per_seq 1: none), default tiles
-#: and the 128-token tiles
-PARTS = [dict(max_parts_per_seq=p, min_tokens_per_part=m) for p, m in
-         ((1, 256), (2, 256), (4, 128), (4, 256), (4, 512), (8, 128), (8, 256))]
-PARTS += [dict(p, num_warps=4, num_stages=3, tile_n=128) for p in PARTS[1:5]]
+#: per-sequence split settings timed on the engine-like batch (max_parts_per_seq 1: none; part_vs_mean 0: every
+#: context past min_tokens_per_part is cut, 2: only those past twice the batch's mean), default tiles and the
+#: 128-token tiles
+PARTS = [dict(max_parts_per_seq=p, min_tokens_per_part=m, part_vs_mean=r) for p, m, r in
+         ((1, 256, 2), (4, 256, 0), (2, 256, 2), (4, 256, 1), (4, 256, 2), (4, 256, 3), (4, 128, 2), (8, 128, 2))]
+PARTS += [dict(p, num_warps=4, num_stages=3, tile_n=128) for p in PARTS[1:2] + PARTS[4:5]]
 
 
 def tuning_name(t: dict) -> str:
-    """``w4_s3_t128``-style name of a tuning, with ``_p4_m256`` for per-sequence split settings."""
+    """``w4_s3_t128``-style name of a tuning, with ``_p4_m256_r2`` for per-sequence split settings."""
     name = "_".join(f"{k}{t[key]}" for k, key in (("w", "num_warps"), ("s", "num_stages"), ("t", "tile_n"))
                     if key in t)
     if "max_parts_per_seq" in t:
-        name = (name + "_" if name else "") + f"p{t['max_parts_per_seq']}_m{t['min_tokens_per_part']}"
+        name = ((name + "_" if name else "") + f"p{t['max_parts_per_seq']}_m{t['min_tokens_per_part']}"
+                f"_r{t['part_vs_mean']}")
     return name
 
 
@@ -118,7 +121,7 @@ def variant(c, ref, sh, num_splits=None, tuning=None) -> dict:
 
         diff = max_diff(fn(), ref)
         chosen, per_seq = (num_splits, False) if num_splits else launchers.plan_decode_splits(
-            c.q.shape[0], c.kc.shape[2], c.max_len or c.bt.shape[1] * c.kc.shape[1], hx.DEV)
+            c.q.shape[0], c.kc.shape[2], c.max_len or c.bt.shape[1] * c.kc.shape[1], hx.DEV)[:2]
         r = rec(timeit(fn, sh) / len(caches), c.kv_bytes, max_abs_diff=diff, ok=diff <= TOL, num_splits=chosen,
                 per_seq=per_seq, tuning=tuning or {})
     except Exception as e:  # noqa: BLE001
@@ -153,6 +156,13 @@ def main(argv=None) -> None:
     for t in TUNINGS + PARTS:
         rows[tuning_name(t)] = variant(c, ref, sh, tuning=t)
     res["engine"] = rows
+    # the end of a throughput run: 16 sequences (few pairs: parts of >= 512 tokens, short ones one program)
+    small = SimpleNamespace(**{**vars(e), "seqs": 16 if not args.dry_run else 3})
+    torch.manual_seed(1)
+    cs = skewed_case(small)
+    ref_s = reference(cs)
+    res["small"] = {"auto": variant(cs, ref_s, sh), "splits_1": variant(cs, ref_s, sh, num_splits=1),
+                    "splits_4": variant(cs, ref_s, sh, num_splits=4)}
     if not args.dry_run:  # the main shape (1 GiB of K/V) only on the GPU
         m = make_case(FULL.seqs, FULL.seq_len, FULL.block, "HND", FULL)
         m.max_len = FULL.seq_len
@@ -167,7 +177,7 @@ def main(argv=None) -> None:
     out_dir = Path(tempfile.mkdtemp()) if args.dry_run else ROOT / "bench" / "results" / card_slug(card)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "decode_skew.json").write_text(json.dumps(res, indent=1))
-    for section in ("engine", "main"):
+    for section in ("engine", "small", "main"):
         for name, r in res.get(section, {}).items():
             print(f"{section:6s} {name:24s} " + (f"{r['ms'] * 1e3:8.1f} us  splits {r['num_splits']:3d}"
                                                  f"{' per seq' if r.get('per_seq') else '        '}  "

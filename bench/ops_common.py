@@ -134,10 +134,10 @@ def gather_onepass(cache, bt, L):
 
 def effective_splits(S, L, sh, num_splits=None) -> int:
     """The split count the launcher uses (mirrors launchers.paged_decode; with per-sequence splits the
-    most parts one sequence gets)."""
+    grid's split axis: the most parts a sequence may get)."""
     n = num_splits
     if not n:
-        n, per_seq = launchers.plan_decode_splits(S, sh.kv_heads, L, hx.DEV)
+        n, per_seq = launchers.plan_decode_splits(S, sh.kv_heads, L, hx.DEV)[:2]
         if per_seq:
             return n
     tile = launchers.decode_tile_n(triton.next_power_of_2(sh.head_size), sh.dtype)

@@ -7,7 +7,7 @@ only translate tensors into pointers, strides and compile-time constants.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -27,9 +27,10 @@ DECODE_TUNING = {
     "num_warps": 4,
     "num_stages": 2,
     "tile_n": None,               # None: chosen from head size and dtype
-    # full batches: a sequence's context is cut into parts of at least this many tokens, at most
-    # max_parts_per_seq of them (1: no per-sequence splits)
+    # full batches: a sequence's context is cut into parts of at least min_tokens_per_part tokens and
+    # part_vs_mean x the batch's mean length, at most max_parts_per_seq of them (1: no split)
     "min_tokens_per_part": 256,
+    "part_vs_mean": 2,
     "max_parts_per_seq": 4,
 }
 
@@ -52,25 +53,45 @@ def dot_in_float32(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type == "cpu")
 
 
-def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
-                       device: torch.device) -> tuple[int, bool]:
-    """``(num_splits, per_seq)`` for a decode launch whose split count is left to the launcher: few
-    (sequence, KV head) pairs get uniform splits (:func:`num_splits_for`), enough pairs to fill the GPU
-    per-sequence ones (:func:`parts_per_seq_for`); 1 split off CUDA."""
+class SplitPlan(NamedTuple):
+    """How a decode launch splits contexts across programs.
+
+    ``num_splits``: the grid's third axis (the most programs a (sequence, KV head) gets). With
+    ``per_seq`` each sequence gets its own part count from its length: parts of at least
+    ``min_part_tokens`` tokens and of ``part_vs_mean`` x the batch's mean length (0: no mean rule);
+    else every context is cut at the same ``num_splits`` boundaries.
+    """
+
+    num_splits: int
+    per_seq: bool
+    min_part_tokens: int = 0
+    part_vs_mean: int = 0
+
+
+def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> SplitPlan:
+    """The split plan of a decode launch whose split count is left to the launcher (1 split off CUDA).
+
+    Few (sequence, KV head) pairs: up to :func:`num_splits_for` parts a sequence, of at least
+    ``min_tokens_per_split`` tokens each (a short context of a small batch is one program and needs no
+    merge). Enough pairs to fill the GPU: up to :func:`parts_per_seq_for` parts, only for sequences
+    longer than ``part_vs_mean`` x the batch's mean length (its long tail: bench/NOTES.md "Decode v7").
+    """
     if device.type != "cuda":
-        return 1, False
+        return SplitPlan(1, False)
+    t = DECODE_TUNING
     programs, num_sms = num_seqs * num_kv_heads, num_multiprocessors(device.index or 0)
     if programs >= num_sms:
         parts = parts_per_seq_for(max_seq_len)
-        return parts, parts > 1
-    return num_splits_for(programs, max_seq_len, num_sms), False
+        return SplitPlan(parts, parts > 1, t["min_tokens_per_part"], t["part_vs_mean"])
+    n = num_splits_for(programs, max_seq_len, num_sms)
+    return SplitPlan(n, n > 1, t["min_tokens_per_split"], 0)
 
 
 def num_splits_for(programs: int, max_seq_len: int, num_sms: int) -> int:
     """The uniform split count for ``programs`` (sequence, KV head) pairs of contexts up to ``max_seq_len``.
 
-    Enough pairs to fill the GPU: no uniform split (full batches of skewed short contexts gained
-    nothing from it: bench/NOTES.md "Decode v5"; they get per-sequence splits instead). Fewer: split
+    Enough pairs to fill the GPU: 1 (full batches of skewed short contexts gained nothing from uniform
+    splits: bench/NOTES.md "Decode v5"; :func:`plan_decode_splits` cuts their long tail). Fewer: split
     until about ``target_waves`` programs per multiprocessor run, no split shorter than
     ``min_tokens_per_split``.
     """
@@ -104,15 +125,19 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     tile_n = decode_tile_n(block_d, query.dtype)
     capacity = block_tables.shape[1] * block_size
     max_len = min(max_seq_len, capacity) if max_seq_len > 0 else capacity
-    per_seq = False
+    plan = SplitPlan(num_splits, False)
     if num_splits <= 0:
-        num_splits, per_seq = plan_decode_splits(num_seqs, num_kv_heads, max_len, query.device)
+        plan = plan_decode_splits(num_seqs, num_kv_heads, max_len, query.device)
+    num_splits, per_seq = plan.num_splits, plan.per_seq
     if per_seq:
         # the kernel sizes each sequence's parts; the launcher passes their minimum length
-        tokens_per_split = triton.cdiv(max(1, DECODE_TUNING["min_tokens_per_part"]), tile_n) * tile_n
+        tokens_per_split = triton.cdiv(max(1, plan.min_part_tokens), tile_n) * tile_n
     else:
         tokens_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), tile_n) * tile_n
         num_splits = max(1, min(num_splits, triton.cdiv(max(max_len, 1), tokens_per_split)))
+    part_vs_mean = max(0, int(plan.part_vs_mean))
+    # the mean rule reads every length in blocks of at most 1,024 (a block of 1: no mean rule)
+    lens_block = max(2, min(1024, triton.next_power_of_2(num_seqs))) if per_seq and part_vs_mean else 1
 
     if num_splits > 1:
         part_out = torch.empty((num_seqs, num_heads, num_splits, block_d), dtype=torch.float32, device=query.device)
@@ -137,23 +162,26 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         part_out, part_lse,
         scale, softcap,
         num_blocks, block_tables.shape[1], block_size.bit_length() - 1, group_size,
-        sliding_window, tokens_per_split,
+        sliding_window, tokens_per_split, part_vs_mean,
         HEAD_SIZE=head_size, BLOCK_M=block_m, BLOCK_D=block_d, TILE_N=tile_n, SPLIT=num_splits > 1,
-        PER_SEQ=per_seq,
+        PER_SEQ=per_seq, LENS_BLOCK=lens_block,
         USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
         WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
         **extra,
     )
     if num_splits > 1:
-        merge_splits_kernel[(num_seqs, num_kv_heads)](
+        # as many of a KV group's heads a program as keep its [heads, splits, head] tile within 4,096 values
+        block_s = triton.next_power_of_2(num_splits)
+        heads = max(1, min(triton.next_power_of_2(group_size), 4096 // (block_s * block_d)))
+        merge_splits_kernel[(num_seqs, num_kv_heads, triton.cdiv(group_size, heads))](
             part_out, part_lse,
             out, *out.stride(),
             lse_arg, *lse_strides,
             seq_lens,
             head_size, num_splits, group_size,
-            block_tables.shape[1], block_size.bit_length() - 1, sliding_window, tokens_per_split,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, TILE_N=tile_n,
-            USE_WINDOW=sliding_window > 0, PER_SEQ=per_seq, WRITE_LSE=lse is not None,
+            block_tables.shape[1], block_size.bit_length() - 1, sliding_window, tokens_per_split, part_vs_mean,
+            HEADS=heads, BLOCK_S=block_s, BLOCK_D=block_d, TILE_N=tile_n,
+            USE_WINDOW=sliding_window > 0, PER_SEQ=per_seq, LENS_BLOCK=lens_block, WRITE_LSE=lse is not None,
         )
 
 

@@ -7,10 +7,10 @@ block table, so any power-of-two block size from 1 to 256 is served by the same 
 
 Contexts are split across programs (flash-decoding) in one of two ways. Uniform splits (few
 sequences, long contexts): every context is cut at the same ``tokens_per_split`` boundaries.
-Per-sequence splits (``PER_SEQ``; full batches of skewed lengths): a sequence of ``len`` tokens
-gets ``n = clamp(ceil(len / tokens_per_split), 1, num_splits)`` equal tile-aligned parts, so a
+Per-sequence splits (``PER_SEQ``; full batches of skewed lengths): a sequence longer than the
+batch's typical one gets up to ``num_splits`` equal tile-aligned parts (``_context_parts``), so a
 long context no longer runs alone at the end while the short ones are long done; programs past
-``n`` return at once, and a sequence of one part writes its output directly. Split programs
+its part count return at once, and a sequence of one part writes its output directly. Split programs
 write normalized partial outputs and their log-sum-exp, and a second kernel merges them.
 
 Masking, not trust: lengths are clamped to the block table's capacity, block ids outside the
@@ -33,13 +33,16 @@ def _tanh(x):
 
 
 @triton.jit
-def _context_parts(seq_lens_ptr, seq, capacity, sliding_window, tokens_per_split, num_splits,
-                   TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, PER_SEQ: tl.constexpr):
+def _context_parts(seq_lens_ptr, seq, num_seqs, capacity, sliding_window, tokens_per_split, part_vs_mean,
+                   num_splits, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, PER_SEQ: tl.constexpr, LENS_BLOCK: tl.constexpr):
     """``(seq_len, window_start, lo, num_parts)`` of one sequence: its length clamped to the table's
     ``capacity``, the first token its window sees, that token's tile start ``lo`` (the first token read),
-    and how many programs cover it: with ``PER_SEQ`` parts of at least ``tokens_per_split`` tokens over
-    ``[lo, seq_len)``, at least 1 and at most ``num_splits``; else ``num_splits``. The decode kernel and
-    the merge both call this, so they agree on the count."""
+    and how many programs cover it. Uniform splits: ``num_splits``. ``PER_SEQ``: parts over ``[lo,
+    seq_len)`` of at least ``tokens_per_split`` tokens, at least 1 and at most ``num_splits``; with
+    ``LENS_BLOCK > 1`` (the mean rule, read in blocks of that many lengths) also of at least
+    ``part_vs_mean`` x the batch's mean length: only the batch's long tail is cut (a batch of equal
+    lengths is not, so a bandwidth-bound batch keeps one program a sequence). The decode kernel and the
+    merge both call this, so they agree on the count."""
     seq_len = tl.load(seq_lens_ptr + seq)
     seq_len = tl.minimum(tl.maximum(seq_len, 0), capacity)
     window_start = seq_len * 0
@@ -47,14 +50,22 @@ def _context_parts(seq_lens_ptr, seq, capacity, sliding_window, tokens_per_split
         window_start = tl.maximum(seq_len - sliding_window, 0)
     lo = (window_start // TILE_N) * TILE_N
     if PER_SEQ:
-        num_parts = tl.minimum(tl.maximum(tl.cdiv(seq_len - lo, tokens_per_split), 1), num_splits)
+        min_part = tokens_per_split
+        if LENS_BLOCK > 1:  # the mean rule (part_vs_mean > 0)
+            total = tl.zeros([LENS_BLOCK], dtype=tl.int64)
+            for i in range(0, num_seqs, LENS_BLOCK):
+                offs = i + tl.arange(0, LENS_BLOCK)
+                lens = tl.load(seq_lens_ptr + offs, mask=offs < num_seqs, other=0)
+                total += tl.minimum(tl.maximum(lens, 0), capacity).to(tl.int64)
+            min_part = tl.maximum(tl.sum(total, 0) * part_vs_mean // num_seqs, tokens_per_split)
+        num_parts = tl.minimum(tl.maximum(tl.cdiv(seq_len - lo, min_part), 1), num_splits).to(tl.int32)
     else:
         num_parts = seq_len * 0 + num_splits
     return seq_len, window_start, lo, num_parts
 
 
 @triton.jit(do_not_specialize=["stride_bts", "num_blocks", "max_blocks_per_seq", "log2_block_size", "group_size",
-                                "sliding_window", "tokens_per_split"])
+                                "sliding_window", "tokens_per_split", "part_vs_mean"])
 def paged_decode_kernel(
     q_ptr, stride_qs, stride_qh, stride_qd,
     k_cache_ptr, stride_kb, stride_kt, stride_kh, stride_kd,
@@ -67,9 +78,9 @@ def paged_decode_kernel(
     part_out_ptr, part_lse_ptr,
     scale, softcap,
     num_blocks, max_blocks_per_seq, log2_block_size, group_size,
-    sliding_window, tokens_per_split,
+    sliding_window, tokens_per_split, part_vs_mean,
     HEAD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
-    SPLIT: tl.constexpr, PER_SEQ: tl.constexpr,
+    SPLIT: tl.constexpr, PER_SEQ: tl.constexpr, LENS_BLOCK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
     WRITE_LSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -79,8 +90,8 @@ def paged_decode_kernel(
     num_splits = tl.num_programs(2)
 
     seq_len, window_start, lo, num_parts = _context_parts(
-        seq_lens_ptr, seq, max_blocks_per_seq << log2_block_size, sliding_window, tokens_per_split, num_splits,
-        TILE_N, USE_WINDOW, PER_SEQ)
+        seq_lens_ptr, seq, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
+        tokens_per_split, part_vs_mean, num_splits, TILE_N, USE_WINDOW, PER_SEQ, LENS_BLOCK)
     block_size = 1 << log2_block_size
 
     if PER_SEQ:
@@ -175,46 +186,50 @@ def paged_decode_kernel(
 
 
 @triton.jit(do_not_specialize=["head_size", "num_splits", "group_size", "max_blocks_per_seq", "log2_block_size",
-                                "sliding_window", "tokens_per_split"])
+                                "sliding_window", "tokens_per_split", "part_vs_mean"])
 def merge_splits_kernel(
     part_out_ptr, part_lse_ptr,
     out_ptr, stride_os, stride_oh, stride_od,
     lse_ptr, stride_ls, stride_lh,
     seq_lens_ptr,
     head_size, num_splits, group_size,
-    max_blocks_per_seq, log2_block_size, sliding_window, tokens_per_split,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, PER_SEQ: tl.constexpr, WRITE_LSE: tl.constexpr,
+    max_blocks_per_seq, log2_block_size, sliding_window, tokens_per_split, part_vs_mean,
+    HEADS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, PER_SEQ: tl.constexpr, LENS_BLOCK: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
-    """Merge the splits of one (sequence, KV head)'s query heads: weights exp(lse_s - max) over their
-    sum. With ``PER_SEQ`` only the sequence's own parts are read, and a sequence of one part (its
-    output written by the decode kernel) is left alone."""
+    """Merge the splits of ``HEADS`` query heads of one (sequence, KV head) at once (grid: sequences x KV
+    heads x head groups): weights exp(lse_s - max) over their sum. With ``PER_SEQ`` only the sequence's
+    own parts are read, and a sequence of one part (its output written by the decode kernel) is left
+    alone."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len, window_start, lo, num_parts = _context_parts(
-        seq_lens_ptr, seq, max_blocks_per_seq << log2_block_size, sliding_window, tokens_per_split, num_splits,
-        TILE_N, USE_WINDOW, PER_SEQ)
+        seq_lens_ptr, seq, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
+        tokens_per_split, part_vs_mean, num_splits, TILE_N, USE_WINDOW, PER_SEQ, LENS_BLOCK)
     if PER_SEQ:
         if num_parts <= 1:
             return
+    offs_h = tl.program_id(2) * HEADS + tl.arange(0, HEADS)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_parts
+    h_mask = offs_h < group_size
+    heads = kv_head * group_size + offs_h
+    rows = seq.to(tl.int64) * (tl.num_programs(1) * group_size) + heads                      # [HEADS]
+    hs_mask = h_mask[:, None] & (offs_s < num_parts)[None, :]                               # [HEADS, BLOCK_S]
+    lse_s = tl.load(part_lse_ptr + rows[:, None] * num_splits + offs_s[None, :], mask=hs_mask,
+                    other=float("-inf"))
+    lse_max = tl.max(lse_s, 1)
+    has_any = lse_max > float("-inf")
+    lse_max = tl.where(has_any, lse_max, 0.0)
+    w = tl.exp(lse_s - lse_max[:, None])                                                     # [HEADS, BLOCK_S]
+    w_sum = tl.sum(w, 1)
     d_mask = offs_d < head_size
-    for h in range(group_size):
-        head = kv_head * group_size + h
-        row = seq.to(tl.int64) * (tl.num_programs(1) * group_size) + head
-        lse_s = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
-        lse_max = tl.max(lse_s, 0)
-        has_any = lse_max > float("-inf")
-        lse_max = tl.where(has_any, lse_max, 0.0)
-        w = tl.exp(lse_s - lse_max)
-        w_sum = tl.sum(w, 0)
-        parts = tl.load(part_out_ptr + (row * num_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
-                        mask=s_mask[:, None] & d_mask[None, :] & (w[:, None] > 0), other=0.0)
-        o = tl.sum(parts * w[:, None], 0) / tl.where(has_any, w_sum, 1.0)
-        tl.store(out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + offs_d * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=d_mask)
-        if WRITE_LSE:
-            lse = tl.where(has_any, lse_max + tl.log(tl.where(has_any, w_sum, 1.0)), float("-inf"))
-            tl.store(lse_ptr + seq.to(tl.int64) * stride_ls + head * stride_lh, lse)
+    parts = tl.load(part_out_ptr + ((rows[:, None] * num_splits + offs_s[None, :]) * BLOCK_D)[:, :, None]
+                    + offs_d[None, None, :],
+                    mask=(hs_mask & (w > 0))[:, :, None] & d_mask[None, None, :], other=0.0)  # [HEADS, BLOCK_S, BLOCK_D]
+    o = tl.sum(parts * w[:, :, None], 1) / tl.where(has_any, w_sum, 1.0)[:, None]           # [HEADS, BLOCK_D]
+    tl.store(out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+    if WRITE_LSE:
+        lse = tl.where(has_any, lse_max + tl.log(tl.where(has_any, w_sum, 1.0)), float("-inf"))
+        tl.store(lse_ptr + seq.to(tl.int64) * stride_ls + heads * stride_lh, lse, mask=h_mask)

@@ -146,7 +146,8 @@ FULL_BATCH_CASES = [
 @pytest.mark.parametrize("case", FULL_BATCH_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1][0]}kv{c[1][1]}-d{c[2]}")
 def test_decode_full_batch_per_sequence_splits(case):
     """A full batch of skewed lengths (0 to 1,500 tokens): the launcher picks per-sequence splits (asserted),
-    so short sequences write their output directly and long ones are cut into parts and merged."""
+    so short sequences write their output directly and the long tail (past twice the mean) is cut into
+    parts and merged."""
     from pagedattn.ops import launchers
 
     dtype, (heads, kv_heads), head, block, feats = case
@@ -156,9 +157,8 @@ def test_decode_full_batch_per_sequence_splits(case):
                       (torch.rand(186, generator=g) ** 3 * 1500).long() + 1]).tolist()
     p = make_decode_problem(lens, heads, kv_heads, head, block, dtype, "cuda", layout=feats.pop("layout", "HND"),
                             alibi=feats.pop("alibi", False), generator=g)
-    num_splits, per_seq = launchers.plan_decode_splits(len(lens), kv_heads, p.block_tables.shape[1] * block,
-                                                       p.query.device)
-    assert per_seq and num_splits > 1
+    plan = launchers.plan_decode_splits(len(lens), kv_heads, p.block_tables.shape[1] * block, p.query.device)
+    assert plan.per_seq and plan.num_splits > 1 and plan.part_vs_mean > 0
     run_decode_and_check(p, dtype, what=f"full batch {case}", **feats)
 
 
@@ -169,7 +169,7 @@ def test_decode_cuda_graph_replay_full_batch_new_lengths():
     g = torch.Generator().manual_seed(21)
     n = 160
     p = make_decode_problem([1024] * n, 32, 4, 64, 16, torch.bfloat16, "cuda", generator=g)
-    assert launchers.plan_decode_splits(n, 4, p.block_tables.shape[1] * 16, p.query.device)[1]
+    assert launchers.plan_decode_splits(n, 4, p.block_tables.shape[1] * 16, p.query.device).per_seq
     out = torch.empty_like(p.query)
     lse = torch.empty(p.query.shape[:2], device="cuda")
 
@@ -185,7 +185,10 @@ def test_decode_cuda_graph_replay_full_batch_new_lengths():
     with torch.cuda.graph(graph):
         call()
     for step in range(3):
-        p.seq_lens.copy_(torch.randint(0, 1025, (n,), generator=g, dtype=torch.int32))
+        # mostly short, a few long (parts are cut only past twice the mean)
+        lens = (torch.rand(n, generator=g) ** 4 * 1024).to(torch.int32)
+        lens[step::40] = 1024 - step
+        p.seq_lens.copy_(lens)
         p.query.normal_()
         out.fill_(float("nan"))
         lse.fill_(float("nan"))

@@ -93,18 +93,20 @@ PER_SEQ_CASES = [
 ]
 
 
+@pytest.mark.parametrize("part_vs_mean", [0, 2])
 @pytest.mark.parametrize("case", PER_SEQ_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-b{c[4]}")
-def test_decode_per_sequence_splits_match_reference(case, monkeypatch):
+def test_decode_per_sequence_splits_match_reference(case, part_vs_mean, monkeypatch):
     """The full-batch rule (each sequence cut by its own length; the CPU never picks it) forced on: short
-    sequences write their output directly, long ones are merged, windows start their parts at the window."""
+    sequences write their output directly, long ones are merged, windows start their parts at the window;
+    parts of >= 16 tokens (part_vs_mean 0) or of >= twice the batch's mean length (only the long tail cut)."""
     from pagedattn.ops import launchers
 
     dtype, heads, kv_heads, head_size, block_size, lens, feats = case
     feats = dict(feats)
     monkeypatch.setitem(launchers.DECODE_TUNING, "min_tokens_per_part", 16)
     monkeypatch.setitem(launchers.DECODE_TUNING, "max_parts_per_seq", 4)
-    monkeypatch.setattr(launchers, "plan_decode_splits",
-                        lambda num_seqs, num_kv_heads, max_len, device: (launchers.parts_per_seq_for(max_len), True))
+    monkeypatch.setattr(launchers, "plan_decode_splits", lambda num_seqs, num_kv_heads, max_len, device: (
+        launchers.SplitPlan(launchers.parts_per_seq_for(max_len), True, 16, part_vs_mean)))
     g = torch.Generator().manual_seed(7 + head_size + block_size)
     problem = make_decode_problem(lens, heads, kv_heads, head_size, block_size, dtype, DEVICE,
                                   alibi=feats.pop("alibi", False), generator=g)
@@ -115,8 +117,7 @@ def test_decode_per_sequence_splits_mask_bad_values(monkeypatch):
     """Block ids outside the pool skipped, lengths clamped to the table, as with one program a sequence."""
     from pagedattn.ops import launchers
 
-    monkeypatch.setitem(launchers.DECODE_TUNING, "min_tokens_per_part", 16)
-    monkeypatch.setattr(launchers, "plan_decode_splits", lambda *a: (3, True))
+    monkeypatch.setattr(launchers, "plan_decode_splits", lambda *a: launchers.SplitPlan(3, True, 16, 0))
     g = torch.Generator().manual_seed(11)
     p = make_decode_problem([60, 9, 40], 4, 2, 64, 4, torch.float32, DEVICE, generator=g)
     p.key_cache.nan_to_num_(0.5)
