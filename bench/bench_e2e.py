@@ -218,6 +218,12 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
                engine_overrides=dict(fuse_projections=False))
             st("engine_profile_unfused", "engine_profile", sg, 90, 40, prio=1, num_steps=16, optional=True,
                engine_overrides=dict(fuse_projections=False))
+            # a KV pool of 40,960 blocks (655k token slots; the default fills the card: ~203k blocks for the 1.1B
+            # shape), so that the blocks a step reads lie in ~13 GiB instead of ~68 GiB: on request
+            st("engine_sharegpt_pool40k", "engine", sg, 120, 40, prio=1, optional=True, first_n=n_cb,
+               engine_overrides=dict(num_gpu_blocks=40960))
+            st("engine_profile_pool40k", "engine_profile", sg, 90, 40, prio=1, num_steps=16, optional=True,
+               engine_overrides=dict(num_gpu_blocks=40960))
             # a small batch (the end of a throughput run, where the host bounds the step)
             st("engine_profile_small", "engine_profile", sg, 90, 40, prio=1, num_steps=16, optional=True,
                num_seqs=16)
