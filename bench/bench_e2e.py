@@ -324,7 +324,8 @@ def main(argv=None) -> None:
     (out_dir / "e2e.json").write_text(json.dumps(res, indent=1, default=str))
     pngs = e2e_plots.plot_all(res, out_dir)
     if figs:
-        cmd = "python bench/bench_e2e.py" + (" --quick" if args.quick else "") + (" --dry-run" if args.dry_run else "")
+        cmd = ("python bench/bench_e2e.py" + (" --quick" if args.quick else "") + (" --dry-run" if args.dry_run else "")
+               + (f" --stages {args.stages}" if args.stages else ""))
         update_figures(figs, card, f"{cmd}  # {first}", path=summary_path)
     e2e_plots.print_table(res, figs)
     if not args.model_dir:
