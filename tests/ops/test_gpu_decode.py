@@ -92,6 +92,31 @@ def test_decode_max_seq_len_hint_too_small_still_computes_everything():
     torch.testing.assert_close(out.float(), ref, atol=4e-3, rtol=0)
 
 
+def capture_graph(call) -> torch.cuda.CUDAGraph:
+    """Warm ``call`` up on a side stream (compilation stays outside the capture), then capture it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph
+
+
+def check_replay(p, out, lse, scale, what) -> None:
+    """Compare a replay's ``out`` and ``lse`` with the reference on the problem's current inputs."""
+    ref = torch.empty(p.query.shape, device="cuda")
+    ref_lse = torch.empty(p.query.shape[:2], device="cuda")
+    reference.paged_decode(ref, p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, scale, 0, 0.0,
+                           None, ref_lse)
+    torch.testing.assert_close(out.float(), ref, atol=2.5e-2, rtol=0, msg=what)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse)), f"{what}: -inf lse entries differ"
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_cuda_graph_replay_with_new_tables_and_lengths(num_splits):
     """Capture one decode call, then change seq_lens and block_tables in place and replay."""
@@ -104,18 +129,8 @@ def test_decode_cuda_graph_replay_with_new_tables_and_lengths(num_splits):
     out = torch.empty_like(p.query)
     lse = torch.empty(p.query.shape[:2], device="cuda")
 
-    def call():
-        paged_decode_attention(p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, out=out, lse=lse,
-                               num_splits=num_splits)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()  # compile and warm up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = capture_graph(lambda: paged_decode_attention(
+        p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, out=out, lse=lse, num_splits=num_splits))
     for step in range(3):
         num_blocks = p.key_cache.shape[0]
         new_tables = torch.randint(0, num_blocks, tuple(p.block_tables.shape), generator=g, dtype=torch.int32)
@@ -126,12 +141,7 @@ def test_decode_cuda_graph_replay_with_new_tables_and_lengths(num_splits):
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        ref = torch.empty(p.query.shape, device="cuda")
-        ref_lse = torch.empty(p.query.shape[:2], device="cuda")
-        reference.paged_decode(ref, p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, 128 ** -0.5,
-                               0, 0.0, None, ref_lse)
-        torch.testing.assert_close(out.float(), ref, atol=2.5e-2, rtol=0, msg=f"replay {step}")
-        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
+        check_replay(p, out, lse, 128 ** -0.5, f"replay {step}")
 
 
 FULL_BATCH_CASES = [
@@ -173,17 +183,8 @@ def test_decode_cuda_graph_replay_full_batch_new_lengths():
     out = torch.empty_like(p.query)
     lse = torch.empty(p.query.shape[:2], device="cuda")
 
-    def call():
-        paged_decode_attention(p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, out=out, lse=lse)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = capture_graph(lambda: paged_decode_attention(
+        p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, out=out, lse=lse))
     for step in range(3):
         # mostly short, a few long (parts are cut only past twice the mean)
         lens = (torch.rand(n, generator=g) ** 4 * 1024).to(torch.int32)
@@ -194,11 +195,4 @@ def test_decode_cuda_graph_replay_full_batch_new_lengths():
         lse.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        ref = torch.empty(p.query.shape, device="cuda")
-        ref_lse = torch.empty(p.query.shape[:2], device="cuda")
-        reference.paged_decode(ref, p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens, 64 ** -0.5,
-                               0, 0.0, None, ref_lse)
-        torch.testing.assert_close(out.float(), ref, atol=2.5e-2, rtol=0, msg=f"replay {step}")
-        finite = torch.isfinite(ref_lse)
-        assert torch.equal(finite, torch.isfinite(lse)), f"replay {step}: -inf lse entries differ"
-        torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-3)
+        check_replay(p, out, lse, 64 ** -0.5, f"replay {step}")

@@ -43,16 +43,22 @@ def test_decode_kernel_matches_reference(case):
     run_decode_and_check(problem, dtype, what=str(case), **feats)
 
 
-def test_decode_kernel_masks_bad_values():
-    """Block ids outside the pool are skipped and lengths clamped, exactly as the reference does."""
+@pytest.mark.parametrize("per_seq", [False, True], ids=["one-program", "per-sequence-splits"])
+def test_decode_kernel_masks_bad_values(per_seq, monkeypatch):
+    """Block ids outside the pool are skipped and lengths clamped, exactly as the reference does, with one
+    program a sequence and with per-sequence splits (forced: parts of >= 16 tokens, the clamped one split too)."""
+    from pagedattn.ops import launchers
+
+    if per_seq:
+        monkeypatch.setattr(launchers, "plan_decode_splits", lambda *a: launchers.SplitPlan(3, True, 16, 0))
     g = torch.Generator().manual_seed(5)
-    p = make_decode_problem([20, 9, 12], 4, 2, 64, 4, torch.float32, DEVICE, generator=g)
+    p = make_decode_problem([60, 9, 40] if per_seq else [20, 9, 12], 4, 2, 64, 4, torch.float32, DEVICE, generator=g)
     p.key_cache.nan_to_num_(0.5)
     p.value_cache.nan_to_num_(0.25)
-    p.block_tables[0, 1] = 10_000
-    p.block_tables[1, 0] = -3
-    p.seq_lens[2] = 1_000_000  # clamped to the table's capacity
-    run_decode_and_check(p, torch.float32, what="bad values")
+    p.block_tables[0, 3 if per_seq else 1] = 10_000
+    p.block_tables[1 + per_seq, 0] = -3
+    p.seq_lens[2 - per_seq] = 1_000_000  # clamped to the table's capacity
+    run_decode_and_check(p, torch.float32, what=f"bad values, per_seq={per_seq}")
 
 
 def test_reshape_and_cache_kernel_matches_reference():
@@ -111,21 +117,6 @@ def test_decode_per_sequence_splits_match_reference(case, part_vs_mean, monkeypa
     problem = make_decode_problem(lens, heads, kv_heads, head_size, block_size, dtype, DEVICE,
                                   alibi=feats.pop("alibi", False), generator=g)
     run_decode_and_check(problem, dtype, what=str(case), **feats)
-
-
-def test_decode_per_sequence_splits_mask_bad_values(monkeypatch):
-    """Block ids outside the pool skipped, lengths clamped to the table, as with one program a sequence."""
-    from pagedattn.ops import launchers
-
-    monkeypatch.setattr(launchers, "plan_decode_splits", lambda *a: launchers.SplitPlan(3, True, 16, 0))
-    g = torch.Generator().manual_seed(11)
-    p = make_decode_problem([60, 9, 40], 4, 2, 64, 4, torch.float32, DEVICE, generator=g)
-    p.key_cache.nan_to_num_(0.5)
-    p.value_cache.nan_to_num_(0.25)
-    p.block_tables[0, 3] = 10_000
-    p.block_tables[2, 0] = -3
-    p.seq_lens[1] = 1_000_000  # clamped to the table's capacity (60 tokens: split too)
-    run_decode_and_check(p, torch.float32, what="bad values, per-sequence splits")
 
 
 @pytest.mark.parametrize("max_len, want", [(2048, 4), (600, 3), (256, 1), (1, 1), (10**9, 4)])
