@@ -8,7 +8,8 @@ longest context of the batch bounds the kernel's time while the short ones are l
 times ``num_splits`` = auto (the launcher's choice: per-sequence splits here, bench/NOTES.md "Decode v7") and
 fixed (uniform) 1, 2, 4, 8, 16 on the attention geometry of the 1.1B Llama (32 heads, 4 KV heads, head 64,
 bf16, block 16, 2,048-token tables, 256 sequences), the launcher's tuning knobs (warps, pipeline stages, tile
-length) and per-sequence split settings (most parts a sequence, fewest tokens a part) on the same batch, and
+length), per-sequence split settings (most parts a sequence, fewest tokens a part) and several KV heads a
+program on the same batch, and
 auto, 8 uniform splits and no per-sequence splits on the ops benchmark's main shape (64 x 4096, 32 / 8 heads,
 head 128), with the engine batch's three fastest settings, and auto, 1 and 4 uniform splits on 16 sequences of
 the engine's distribution (the end of a throughput run); each
@@ -58,12 +59,15 @@ TUNINGS += [dict(num_warps=w, num_stages=st, tile_n=128) for w in (4, 8) for st 
 PARTS = [dict(max_parts_per_seq=p, min_tokens_per_part=m, part_vs_mean=r) for p, m, r in
          ((1, 256, 2), (4, 256, 0), (2, 256, 2), (4, 256, 1), (4, 256, 2), (4, 256, 3), (4, 128, 2), (8, 128, 2))]
 PARTS += [dict(p, num_warps=4, num_stages=3, tile_n=128) for p in PARTS[1:2] + PARTS[4:5]]
+#: several KV heads a program (opt-in), with the default per-sequence splits: tiles of 64 / 32 tokens x the heads
+KV_GROUPS = [dict(kv_heads_per_program=k, num_warps=w, num_stages=st, tile_n=t)
+             for k in (2, 4) for w, st in ((4, 2), (8, 2), (4, 3)) for t in (32, 64)]
 
 
 def tuning_name(t: dict) -> str:
     """``w4_s3_t128``-style name of a tuning, with ``_p4_m256_r2`` for per-sequence split settings."""
-    name = "_".join(f"{k}{t[key]}" for k, key in (("w", "num_warps"), ("s", "num_stages"), ("t", "tile_n"))
-                    if key in t)
+    name = "_".join(f"{k}{t[key]}" for k, key in (("kv", "kv_heads_per_program"), ("w", "num_warps"),
+                                                   ("s", "num_stages"), ("t", "tile_n")) if key in t)
     if "max_parts_per_seq" in t:
         name = ((name + "_" if name else "") + f"p{t['max_parts_per_seq']}_m{t['min_tokens_per_part']}"
                 f"_r{t['part_vs_mean']}")
@@ -153,7 +157,7 @@ def main(argv=None) -> None:
     rows = {"auto": variant(c, ref, sh)}
     for n in SPLITS:
         rows[f"splits_{n}"] = variant(c, ref, sh, num_splits=n)
-    for t in TUNINGS + PARTS:
+    for t in TUNINGS + PARTS + KV_GROUPS:
         rows[tuning_name(t)] = variant(c, ref, sh, tuning=t)
     res["engine"] = rows
     # the end of a throughput run: 16 sequences (few pairs: parts of >= 512 tokens, short ones one program)
@@ -162,7 +166,8 @@ def main(argv=None) -> None:
     cs = skewed_case(small)
     ref_s = reference(cs)
     res["small"] = {"auto": variant(cs, ref_s, sh), "splits_1": variant(cs, ref_s, sh, num_splits=1),
-                    "splits_4": variant(cs, ref_s, sh, num_splits=4)}
+                    "splits_4": variant(cs, ref_s, sh, num_splits=4),
+                    "kv4": variant(cs, ref_s, sh, tuning=dict(kv_heads_per_program=4))}
     if not args.dry_run:  # the main shape (1 GiB of K/V) only on the GPU
         m = make_case(FULL.seqs, FULL.seq_len, FULL.block, "HND", FULL)
         m.max_len = FULL.seq_len
@@ -170,9 +175,9 @@ def main(argv=None) -> None:
         res["main"] = {"auto": variant(m, ref_m, sh), "splits_8": variant(m, ref_m, sh, num_splits=8),
                        "p1_m256": variant(m, ref_m, sh, tuning=PARTS[0])}  # per-sequence splits off
         # the engine batch's three fastest tunings, on the main shape too (a default must not lose there)
-        timed = sorted((r["ms"], name) for name, r in rows.items() if name[0] in "wp" and "ms" in r)
+        timed = sorted((r["ms"], name) for name, r in rows.items() if name[0] in "wpk" and "ms" in r)
         for _, name in timed[:3]:
-            res["main"][name] = variant(m, ref_m, sh, tuning=next(t for t in TUNINGS + PARTS
+            res["main"][name] = variant(m, ref_m, sh, tuning=next(t for t in TUNINGS + PARTS + KV_GROUPS
                                                                   if tuning_name(t) == name))
     out_dir = Path(tempfile.mkdtemp()) if args.dry_run else ROOT / "bench" / "results" / card_slug(card)
     out_dir.mkdir(parents=True, exist_ok=True)

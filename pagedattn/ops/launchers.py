@@ -27,6 +27,7 @@ DECODE_TUNING = {
     "num_warps": 4,
     "num_stages": 2,
     "tile_n": None,               # None: chosen from head size and dtype
+    "kv_heads_per_program": 1,    # a power of two: one program reads this many KV heads of a sequence
     # full batches: a sequence's context is cut into parts of at least min_tokens_per_part tokens and
     # part_vs_mean x the batch's mean length, at most max_parts_per_seq of them (1: no split)
     "min_tokens_per_part": 256,
@@ -121,7 +122,9 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         return
     group_size = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_size)
-    block_m = max(16, triton.next_power_of_2(group_size))
+    kv_heads = min(triton.next_power_of_2(max(1, int(DECODE_TUNING["kv_heads_per_program"]))),
+                   triton.next_power_of_2(num_kv_heads))
+    block_m = max(16, triton.next_power_of_2(group_size * kv_heads))
     tile_n = decode_tile_n(block_d, query.dtype)
     capacity = block_tables.shape[1] * block_size
     max_len = min(max_seq_len, capacity) if max_seq_len > 0 else capacity
@@ -150,7 +153,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     extra = {} if query.device.type != "cuda" else {
         "num_warps": DECODE_TUNING["num_warps"], "num_stages": DECODE_TUNING["num_stages"]}
 
-    paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    paged_decode_kernel[(num_seqs, triton.cdiv(num_kv_heads, kv_heads), num_splits)](
         query, *query.stride(),
         key_cache, *key_cache.stride(),
         value_cache, *value_cache.stride(),
@@ -161,9 +164,10 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         lse_arg, *lse_strides,
         part_out, part_lse,
         scale, softcap,
-        num_blocks, block_tables.shape[1], block_size.bit_length() - 1, group_size,
+        num_blocks, block_tables.shape[1], block_size.bit_length() - 1, group_size, num_kv_heads,
         sliding_window, tokens_per_split, part_vs_mean,
-        HEAD_SIZE=head_size, BLOCK_M=block_m, BLOCK_D=block_d, TILE_N=tile_n, SPLIT=num_splits > 1,
+        HEAD_SIZE=head_size, BLOCK_M=block_m, BLOCK_D=block_d, TILE_N=tile_n, KV_HEADS=kv_heads,
+        SPLIT=num_splits > 1,
         PER_SEQ=per_seq, LENS_BLOCK=lens_block,
         USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
         WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),

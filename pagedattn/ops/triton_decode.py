@@ -2,7 +2,10 @@
 
 One program handles one (sequence, KV head, context split): all the query heads that share the
 KV head (a GQA group, padded to at least 16 rows so that the two products run on the tensor
-cores) against ``TILE_N`` context tokens at a time. Each tile gathers its tokens through the
+cores) against ``TILE_N`` context tokens at a time. With ``KV_HEADS > 1`` a program takes that many
+KV heads of the sequence at once (their groups' rows against a tile of ``TILE_N`` tokens x
+``KV_HEADS`` heads, each row scoring only its own head's columns: one block-table read serves all
+of them; opt-in, ``DECODE_TUNING["kv_heads_per_program"]``). Each tile gathers its tokens through the
 block table, so any power-of-two block size from 1 to 256 is served by the same code.
 
 Contexts are split across programs (flash-decoding) in one of two ways. Uniform splits (few
@@ -65,7 +68,7 @@ def _context_parts(seq_lens_ptr, seq, num_seqs, capacity, sliding_window, tokens
 
 
 @triton.jit(do_not_specialize=["stride_bts", "num_blocks", "max_blocks_per_seq", "log2_block_size", "group_size",
-                                "sliding_window", "tokens_per_split", "part_vs_mean"])
+                                "num_kv_heads", "sliding_window", "tokens_per_split", "part_vs_mean"])
 def paged_decode_kernel(
     q_ptr, stride_qs, stride_qh, stride_qd,
     k_cache_ptr, stride_kb, stride_kt, stride_kh, stride_kd,
@@ -77,15 +80,15 @@ def paged_decode_kernel(
     lse_ptr, stride_ls, stride_lh,
     part_out_ptr, part_lse_ptr,
     scale, softcap,
-    num_blocks, max_blocks_per_seq, log2_block_size, group_size,
+    num_blocks, max_blocks_per_seq, log2_block_size, group_size, num_kv_heads,
     sliding_window, tokens_per_split, part_vs_mean,
     HEAD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
-    SPLIT: tl.constexpr, PER_SEQ: tl.constexpr, LENS_BLOCK: tl.constexpr,
+    KV_HEADS: tl.constexpr, SPLIT: tl.constexpr, PER_SEQ: tl.constexpr, LENS_BLOCK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
     WRITE_LSE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_first = tl.program_id(1) * KV_HEADS  # the program's first KV head
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
 
@@ -113,9 +116,23 @@ def paged_decode_kernel(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, TILE_N)
-    heads = kv_head * group_size + offs_m
-    m_mask = offs_m < group_size
+    # columns of a tile: TILE_N tokens x KV_HEADS heads, token-major (a token's heads side by side)
+    offs_n = tl.arange(0, TILE_N * KV_HEADS)
+    heads = kv_first * group_size + offs_m
+    if KV_HEADS == 1:
+        m_mask = offs_m < group_size
+        col_tok = offs_n
+        k_head = k_cache_ptr + kv_first * stride_kh
+        v_head = v_cache_ptr + kv_first * stride_vh
+    else:
+        # rows: the query heads of KV_HEADS KV heads; a row scores only its own KV head's columns
+        row_kv = offs_m // group_size
+        m_mask = (offs_m < KV_HEADS * group_size) & (kv_first + row_kv < num_kv_heads)
+        col_tok = offs_n // KV_HEADS
+        col_kv = kv_first + offs_n % KV_HEADS
+        own_head = row_kv[:, None] == (offs_n % KV_HEADS)[None, :]
+        k_head = (k_cache_ptr + col_kv.to(tl.int64) * stride_kh)[:, None]
+        v_head = (v_cache_ptr + col_kv.to(tl.int64) * stride_vh)[:, None]
     d_mask = offs_d < HEAD_SIZE  # constant: all true, or true in runs of 16, so loads stay 16 bytes wide
 
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
@@ -127,16 +144,16 @@ def paged_decode_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
-    k_head = k_cache_ptr + kv_head * stride_kh
-    v_head = v_cache_ptr + kv_head * stride_vh
 
     for tile_start in range(start, end, TILE_N):
-        offs_t = tile_start + offs_n
+        offs_t = tile_start + col_tok
         in_seq = offs_t < end
         block_ids = tl.load(bt_row + (offs_t >> log2_block_size) * stride_btb, mask=in_seq, other=-1)
         valid = in_seq & (block_ids >= 0) & (block_ids < num_blocks)
         if USE_WINDOW:
             valid = valid & (offs_t >= window_start)
+        if KV_HEADS > 1:
+            valid = valid & (col_kv < num_kv_heads)
         block_ids = tl.where(valid, block_ids, 0).to(tl.int64)
         in_block = offs_t & (block_size - 1)
         kv_mask = valid[:, None] & d_mask[None, :]
@@ -152,7 +169,10 @@ def paged_decode_kernel(
             s = softcap * _tanh(s / softcap)
         if USE_ALIBI:
             s = s + slopes[:, None] * (offs_t - seq_len + 1).to(tl.float32)[None, :]
-        s = tl.where(valid[None, :], s, float("-inf"))
+        if KV_HEADS == 1:
+            s = tl.where(valid[None, :], s, float("-inf"))
+        else:
+            s = tl.where(valid[None, :] & own_head, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -179,7 +199,7 @@ def paged_decode_kernel(
             tl.store(lse_ptr + seq.to(tl.int64) * stride_ls + heads * stride_lh, lse, mask=m_mask)
     else:
         # partial buffers are contiguous [num_seqs, num_heads, num_splits, BLOCK_D] / [.., num_splits]
-        row = (seq.to(tl.int64) * (tl.num_programs(1) * group_size) + heads) * num_splits + split
+        row = (seq.to(tl.int64) * (num_kv_heads * group_size) + heads) * num_splits + split
         # a split past the sequence's end stores only its lse (-inf): the merge reads no output of it
         tl.store(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :], o, mask=out_mask & has_any[:, None])
         tl.store(part_lse_ptr + row, lse, mask=m_mask)

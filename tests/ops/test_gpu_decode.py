@@ -172,6 +172,23 @@ def test_decode_full_batch_per_sequence_splits(case):
     run_decode_and_check(p, dtype, what=f"full batch {case}", **feats)
 
 
+@pytest.mark.parametrize("kv_heads_per_program", [2, 4])
+@pytest.mark.parametrize("case", FULL_BATCH_CASES[:2] + [(torch.float16, (12, 3), 128, 16, {"num_splits": 3})],
+                         ids=lambda c: f"{str(c[0])[6:]}-h{c[1][0]}kv{c[1][1]}-d{c[2]}")
+def test_decode_several_kv_heads_per_program(case, kv_heads_per_program, monkeypatch):
+    """The opt-in tuning of several KV heads a program (Triton; the CUDA backend ignores it)."""
+    from pagedattn.ops import launchers
+
+    monkeypatch.setitem(launchers.DECODE_TUNING, "kv_heads_per_program", kv_heads_per_program)
+    dtype, (heads, kv_heads), head, block, feats = case
+    feats = dict(feats)
+    g = torch.Generator().manual_seed(zlib.crc32(str(case).encode()) + kv_heads_per_program)
+    lens = torch.cat([torch.tensor([0, 1, 257, 1500]), (torch.rand(140, generator=g) ** 3 * 1500).long() + 1]).tolist()
+    p = make_decode_problem(lens, heads, kv_heads, head, block, dtype, "cuda", alibi=feats.pop("alibi", False),
+                            generator=g)
+    run_decode_and_check(p, dtype, what=f"{case} x{kv_heads_per_program}", **feats)
+
+
 def test_decode_cuda_graph_replay_full_batch_new_lengths():
     """Per-sequence splits inside a CUDA graph: each replay's lengths (short and long mixed) set the parts."""
     from pagedattn.ops import launchers

@@ -119,6 +119,34 @@ def test_decode_per_sequence_splits_match_reference(case, part_vs_mean, monkeypa
     run_decode_and_check(problem, dtype, what=str(case), **feats)
 
 
+KV_GROUPED_CASES = [
+    # dtype, heads, kv heads, head size, block size, seq_lens, features; several KV heads a program
+    (torch.float32, 6, 3, 64, 4, [0, 17, 40, 5], {}),  # 3 KV heads: the last program's second head masked
+    (torch.float32, 8, 4, 64, 8, [33, 70], {"sliding_window": 20, "alibi": True, "softcap": 3.0}),
+    (torch.bfloat16, 8, 2, 128, 16, [129, 2], {"num_splits": 3}),
+    (torch.float16, 4, 4, 80, 2, [31, 9], {"return_lse": False, "layout": "NHD"}),
+    (torch.float32, 4, 2, 64, 4, [60, 9, 200], {"per_seq": True}),
+]
+
+
+@pytest.mark.parametrize("kv_heads_per_program", [2, 4])
+@pytest.mark.parametrize("case", KV_GROUPED_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-b{c[4]}")
+def test_decode_several_kv_heads_per_program(case, kv_heads_per_program, monkeypatch):
+    """``kv_heads_per_program`` > 1 (opt-in): each query row scores only its own KV head's columns, KV heads
+    past the last are masked, with uniform and per-sequence splits."""
+    from pagedattn.ops import launchers
+
+    dtype, heads, kv_heads, head_size, block_size, lens, feats = case
+    feats = dict(feats)
+    monkeypatch.setitem(launchers.DECODE_TUNING, "kv_heads_per_program", kv_heads_per_program)
+    if feats.pop("per_seq", False):
+        monkeypatch.setattr(launchers, "plan_decode_splits", lambda *a: launchers.SplitPlan(4, True, 16, 0))
+    g = torch.Generator().manual_seed(3 + heads + head_size + block_size)
+    problem = make_decode_problem(lens, heads, kv_heads, head_size, block_size, dtype, DEVICE,
+                                  layout=feats.pop("layout", "HND"), alibi=feats.pop("alibi", False), generator=g)
+    run_decode_and_check(problem, dtype, what=f"{case} x{kv_heads_per_program}", **feats)
+
+
 @pytest.mark.parametrize("max_len, want", [(2048, 4), (600, 3), (256, 1), (1, 1), (10**9, 4)])
 def test_parts_per_seq_bounded_by_length_and_setting(max_len, want):
     from pagedattn.ops import launchers
