@@ -77,7 +77,8 @@ def num_multiprocessors(device_index: int) -> int:
 
 
 def choose_num_splits(num_seqs: int, programs_per_seq: int, max_seq_len: int, device: torch.device) -> int:
-    """Split the context when the blocks of one split would not fill the GPU (the uniform rule of ``launchers.num_splits_for``)."""
+    """Split the context when the blocks of one split would not fill the GPU (the uniform rule of
+    ``launchers.num_splits_for``)."""
     if device.type != "cuda":
         return 1
     programs = num_seqs * programs_per_seq

@@ -37,7 +37,8 @@ def _tanh(x):
 
 @triton.jit
 def _context_parts(seq_lens_ptr, seq, num_seqs, capacity, sliding_window, tokens_per_split, part_vs_mean,
-                   num_splits, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, PER_SEQ: tl.constexpr, LENS_BLOCK: tl.constexpr):
+                   num_splits, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, PER_SEQ: tl.constexpr,
+                   LENS_BLOCK: tl.constexpr):
     """``(seq_len, window_start, lo, num_parts)`` of one sequence: its length clamped to the table's
     ``capacity``, the first token its window sees, that token's tile start ``lo`` (the first token read),
     and how many programs cover it. Uniform splits: ``num_splits``. ``PER_SEQ``: parts over ``[lo,
@@ -246,7 +247,8 @@ def merge_splits_kernel(
     d_mask = offs_d < head_size
     parts = tl.load(part_out_ptr + ((rows[:, None] * num_splits + offs_s[None, :]) * BLOCK_D)[:, :, None]
                     + offs_d[None, None, :],
-                    mask=(hs_mask & (w > 0))[:, :, None] & d_mask[None, None, :], other=0.0)  # [HEADS, BLOCK_S, BLOCK_D]
+                    mask=(hs_mask & (w > 0))[:, :, None] & d_mask[None, None, :],
+                    other=0.0)                                                               # [HEADS, BLOCK_S, BLOCK_D]
     o = tl.sum(parts * w[:, :, None], 1) / tl.where(has_any, w_sum, 1.0)[:, None]           # [HEADS, BLOCK_D]
     tl.store(out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
              o.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])

@@ -47,8 +47,9 @@ def run_ops(dtype, head, block_size, layout) -> None:
     try:
         launchers.DECODE_TUNING["kv_heads_per_program"] = 2
         for num_splits in (0, 3):
-            out = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40), num_splits=num_splits,
-                                             alibi_slopes=slopes, sliding_window=7 * block_size + 3, softcap=3.0)
+            out = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40),
+                                             num_splits=num_splits, alibi_slopes=slopes,
+                                             sliding_window=7 * block_size + 3, softcap=3.0)
             assert torch.isfinite(out).all()
     finally:
         launchers.DECODE_TUNING.update(saved)
