@@ -59,9 +59,8 @@ TUNINGS += [dict(num_warps=w, num_stages=st, tile_n=128) for w in (4, 8) for st 
 PARTS = [dict(max_parts_per_seq=p, min_tokens_per_part=m, part_vs_mean=r) for p, m, r in
          ((1, 256, 2), (4, 256, 0), (2, 256, 2), (4, 256, 1), (4, 256, 2), (4, 256, 3), (4, 128, 2), (8, 128, 2))]
 PARTS += [dict(p, num_warps=4, num_stages=3, tile_n=128) for p in PARTS[1:2] + PARTS[4:5]]
-#: several KV heads a program (opt-in), with the default per-sequence splits: tiles of 64 / 32 tokens x the heads
-KV_GROUPS = [dict(kv_heads_per_program=k, num_warps=w, num_stages=st, tile_n=t)
-             for k in (2, 4) for w, st in ((4, 2), (8, 2), (4, 3)) for t in (32, 64)]
+#: several KV heads a program (opt-in): the two best of the 12 tunings run A of 2026-11-27 #7 swept (NOTES "Decode v8")
+KV_GROUPS = [dict(kv_heads_per_program=2, num_warps=4, num_stages=st, tile_n=64) for st in (2, 3)]
 
 
 def tuning_name(t: dict) -> str:
@@ -97,6 +96,13 @@ def skewed_case(e, seed: int = 0):
     return SimpleNamespace(q=q, kc=caches[0][0], vc=caches[0][1], caches=caches, bt=tables.to(hx.DEV),
                            lens=torch.tensor(lens, dtype=torch.int32, device=hx.DEV), kv_bytes=kv_bytes,
                            lens_list=lens, max_len=0)
+
+
+def reordered(c, order: list[int]):
+    """``c`` with its sequences (queries, table rows, lengths) in ``order``; the same caches."""
+    idx = torch.tensor(order, device=c.q.device)
+    return SimpleNamespace(**{**vars(c), "q": c.q[idx].contiguous(), "bt": c.bt[idx].contiguous(),
+                              "lens": c.lens[idx].contiguous(), "lens_list": [c.lens_list[i] for i in order]})
 
 
 def reference(c) -> torch.Tensor:
@@ -160,6 +166,15 @@ def main(argv=None) -> None:
     for t in TUNINGS + PARTS + KV_GROUPS:
         rows[tuning_name(t)] = variant(c, ref, sh, tuning=t)
     res["engine"] = rows
+    # the same batch with its sequences sorted by length: longest first puts the long programs in the first
+    # wave (the grid's x axis is the sequence), shortest first in the last
+    by_len = sorted(range(len(c.lens_list)), key=lambda i: -c.lens_list[i])
+    res["order"] = {}
+    for name, order in (("longest_first", by_len), ("shortest_first", by_len[::-1])):
+        co = reordered(c, order)
+        ref_o = ref[torch.tensor(order, device=ref.device)]
+        res["order"][f"auto_{name}"] = variant(co, ref_o, sh)
+        res["order"][f"splits_1_{name}"] = variant(co, ref_o, sh, num_splits=1)
     # the end of a throughput run: 16 sequences (few pairs: parts of >= 512 tokens, short ones one program)
     small = SimpleNamespace(**{**vars(e), "seqs": 16 if not args.dry_run else 3})
     torch.manual_seed(1)
@@ -182,7 +197,7 @@ def main(argv=None) -> None:
     out_dir = Path(tempfile.mkdtemp()) if args.dry_run else ROOT / "bench" / "results" / card_slug(card)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "decode_skew.json").write_text(json.dumps(res, indent=1))
-    for section in ("engine", "small", "main"):
+    for section in ("engine", "order", "small", "main"):
         for name, r in res.get(section, {}).items():
             print(f"{section:6s} {name:24s} " + (f"{r['ms'] * 1e3:8.1f} us  splits {r['num_splits']:3d}"
                                                  f"{' per seq' if r.get('per_seq') else '        '}  "
