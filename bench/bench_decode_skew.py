@@ -12,13 +12,16 @@ length), per-sequence split settings (most parts a sequence, fewest tokens a par
 program on the same batch, and
 auto, 8 uniform splits and no per-sequence splits on the ops benchmark's main shape (64 x 4096, 32 / 8 heads,
 head 128), with the engine batch's three fastest settings, and auto, 1 and 4 uniform splits on 16 sequences of
-the engine's distribution (the end of a throughput run); each
+the engine's distribution (the end of a throughput run), the engine batch with its rows sorted by length
+(longest / shortest first), and the ops benchmark's long contexts (1 and 4 x 32K) with a small batch's
+sequences cut alike or each by its own length (``small_batch_per_seq``); each
 variant is checked against the PyTorch reference (float32) first. The engine-like batch runs over 22 layers'
 caches in turn, as the model does (one layer's ~50 MB of K/V would stay in an H100's L2 if replayed alone);
 times are per layer.
 
     python bench/bench_decode_skew.py            # bench/results/<card>/decode_skew.json
     python bench/bench_decode_skew.py --dry-run  # CPU (Triton interpreter), tiny shapes, temp output
+    python bench/bench_decode_skew.py --sections small,long  # some sections (decode_skew_small_long.json)
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ ENGINE = SimpleNamespace(seqs=256, heads=32, kv_heads=4, head_size=64, block=16,
 DRY = SimpleNamespace(seqs=6, heads=4, kv_heads=2, head_size=64, block=16, width_tokens=256,
                       mean_prompt=20, generated=3, cap=200, dtype=torch.float32, layers=2)
 SPLITS = (1, 2, 4, 8, 16)
+SECTIONS = ("engine", "order", "small", "long", "main")
+#: the long-context cases' head geometry in a dry run (CPU)
+DRY_LONG = SimpleNamespace(heads=4, kv_heads=2, head_size=64, dtype=torch.float32)
 #: DECODE_TUNING overrides timed on the engine-like batch (its default: 4 warps, 2 stages, 64-token tiles)
 TUNINGS = [dict(num_warps=w, num_stages=st, tile_n=t) for w in (2, 4) for st in (1, 2, 3) for t in (16, 32, 64)]
 TUNINGS += [dict(num_warps=w, num_stages=st, tile_n=128) for w in (4, 8) for st in (2, 3)]
@@ -145,7 +151,12 @@ def variant(c, ref, sh, num_splits=None, tuning=None) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma list of {', '.join(SECTIONS)} (default: all)")
     args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        ap.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}; expected some of {SECTIONS}")
     if args.dry_run:
         hx.DEV = torch.device("cpu")
     e, sh = (DRY, SimpleNamespace(warmup=0, rep=0, cpu_reps=1)) if args.dry_run else (ENGINE, FULL)
@@ -161,29 +172,40 @@ def main(argv=None) -> None:
                                kv_bytes=c.kv_bytes)
     ref = reference(c)
     rows = {"auto": variant(c, ref, sh)}
-    for n in SPLITS:
-        rows[f"splits_{n}"] = variant(c, ref, sh, num_splits=n)
-    for t in TUNINGS + PARTS + KV_GROUPS:
-        rows[tuning_name(t)] = variant(c, ref, sh, tuning=t)
-    res["engine"] = rows
+    if "engine" in sections:
+        for n in SPLITS:
+            rows[f"splits_{n}"] = variant(c, ref, sh, num_splits=n)
+        for t in TUNINGS + PARTS + KV_GROUPS:
+            rows[tuning_name(t)] = variant(c, ref, sh, tuning=t)
+        res["engine"] = rows
     # the same batch with its sequences sorted by length: longest first puts the long programs in the first
     # wave (the grid's x axis is the sequence), shortest first in the last
     by_len = sorted(range(len(c.lens_list)), key=lambda i: -c.lens_list[i])
-    res["order"] = {}
     for name, order in (("longest_first", by_len), ("shortest_first", by_len[::-1])):
         co = reordered(c, order)
         ref_o = ref[torch.tensor(order, device=ref.device)]
-        res["order"][f"auto_{name}"] = variant(co, ref_o, sh)
-        res["order"][f"splits_1_{name}"] = variant(co, ref_o, sh, num_splits=1)
+        if "order" in sections:
+            res.setdefault("order", {})[f"auto_{name}"] = variant(co, ref_o, sh)
+            res["order"][f"splits_1_{name}"] = variant(co, ref_o, sh, num_splits=1)
     # the end of a throughput run: 16 sequences (few pairs: parts of >= 512 tokens, short ones one program)
     small = SimpleNamespace(**{**vars(e), "seqs": 16 if not args.dry_run else 3})
     torch.manual_seed(1)
     cs = skewed_case(small)
     ref_s = reference(cs)
-    res["small"] = {"auto": variant(cs, ref_s, sh), "splits_1": variant(cs, ref_s, sh, num_splits=1),
-                    "splits_4": variant(cs, ref_s, sh, num_splits=4),
-                    "kv4": variant(cs, ref_s, sh, tuning=dict(kv_heads_per_program=4))}
-    if not args.dry_run:  # the main shape (1 GiB of K/V) only on the GPU
+    if "small" in sections:
+        res["small"] = {"auto": variant(cs, ref_s, sh), "splits_1": variant(cs, ref_s, sh, num_splits=1),
+                        "splits_4": variant(cs, ref_s, sh, num_splits=4),
+                        "auto_per_seq": variant(cs, ref_s, sh, tuning=dict(small_batch_per_seq=True))}
+    if "long" in sections:  # the ops benchmark's long contexts of one and four sequences (few pairs)
+        res["long"] = {}
+        for seqs, seq_len in ((1, 32768), (4, 32768)) if not args.dry_run else ((1, 256),):
+            lc = make_case(seqs, seq_len, FULL.block, "HND", FULL if not args.dry_run else DRY_LONG)
+            lc.max_len = seq_len
+            ref_l = reference(lc)
+            for per_seq in (False, True):
+                res["long"][f"{seqs}x{seq_len}_per_seq_{int(per_seq)}"] = variant(
+                    lc, ref_l, sh, tuning=dict(small_batch_per_seq=per_seq))
+    if "main" in sections and not args.dry_run:  # the main shape (1 GiB of K/V) only on the GPU
         m = make_case(FULL.seqs, FULL.seq_len, FULL.block, "HND", FULL)
         m.max_len = FULL.seq_len
         ref_m = reference(m)
@@ -196,14 +218,17 @@ def main(argv=None) -> None:
                                                                   if tuning_name(t) == name))
     out_dir = Path(tempfile.mkdtemp()) if args.dry_run else ROOT / "bench" / "results" / card_slug(card)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "decode_skew.json").write_text(json.dumps(res, indent=1))
-    for section in ("engine", "order", "small", "main"):
+    # a run of some sections only does not overwrite the full run's file
+    stem = "decode_skew" + ("" if sections == set(SECTIONS) else "_" + "_".join(x for x in SECTIONS if x in sections))
+    res["sections"] = sorted(sections, key=SECTIONS.index)
+    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    for section in SECTIONS:
         for name, r in res.get(section, {}).items():
             print(f"{section:6s} {name:24s} " + (f"{r['ms'] * 1e3:8.1f} us  splits {r['num_splits']:3d}"
                                                  f"{' per seq' if r.get('per_seq') else '        '}  "
                                                  f"diff {r['max_abs_diff']:.1e} {'ok' if r['ok'] else 'FAIL'}"
                                                  if "ms" in r else r.get("error", "")), flush=True)
-    print(f"results: {out_dir / 'decode_skew.json'}")
+    print(f"results: {out_dir / (stem + '.json')}")
 
 
 if __name__ == "__main__":

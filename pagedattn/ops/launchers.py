@@ -33,6 +33,10 @@ DECODE_TUNING = {
     "min_tokens_per_part": 256,
     "part_vs_mean": 2,
     "max_parts_per_seq": 4,
+    # few pairs (a small batch): True cuts each sequence by its own length (a short one is one program and needs
+    # no merge), False cuts every sequence into the same parts of the longest (the default: 1 x 32K 62 against
+    # 54 us on an H100, and no gain on 16 engine sequences: bench/NOTES.md "Decode v7b, small batches")
+    "small_batch_per_seq": False,
 }
 
 
@@ -73,8 +77,8 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, devic
     """The split plan of a decode launch whose split count is left to the launcher (1 split off CUDA).
 
     Few (sequence, KV head) pairs: up to :func:`num_splits_for` parts a sequence, of at least
-    ``min_tokens_per_split`` tokens each (a short context of a small batch is one program and needs no
-    merge). Enough pairs to fill the GPU: up to :func:`parts_per_seq_for` parts, only for sequences
+    ``min_tokens_per_split`` tokens each, the same parts for every sequence (with ``small_batch_per_seq``:
+    each sequence cut by its own length, so a short context is one program). Enough pairs to fill the GPU: up to :func:`parts_per_seq_for` parts, only for sequences
     longer than ``part_vs_mean`` x the batch's mean length (its long tail: bench/NOTES.md "Decode v7").
     """
     if device.type != "cuda":
@@ -85,7 +89,7 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, devic
         parts = parts_per_seq_for(max_seq_len)
         return SplitPlan(parts, parts > 1, t["min_tokens_per_part"], t["part_vs_mean"])
     n = num_splits_for(programs, max_seq_len, num_sms)
-    return SplitPlan(n, n > 1, t["min_tokens_per_split"], 0)
+    return SplitPlan(n, n > 1 and bool(t["small_batch_per_seq"]), t["min_tokens_per_split"], 0)
 
 
 def num_splits_for(programs: int, max_seq_len: int, num_sms: int) -> int:

@@ -166,3 +166,20 @@ def test_num_splits_fills_the_gpu_only_when_few_pairs_run(programs, max_len, wan
     from pagedattn.ops import launchers
 
     assert launchers.num_splits_for(programs, max_len, num_sms=132) == want
+
+
+@pytest.mark.parametrize("small_batch_per_seq", [False, True])
+def test_plan_cuts_small_batches_uniformly_unless_asked(small_batch_per_seq, monkeypatch):
+    """A small batch's parts are the same for every sequence by default (``small_batch_per_seq`` off); a full
+    batch always cuts each sequence by its own length, past ``part_vs_mean`` x the mean."""
+    from pagedattn.ops import launchers
+
+    monkeypatch.setattr(launchers, "num_multiprocessors", lambda index: 132)
+    monkeypatch.setitem(launchers.DECODE_TUNING, "small_batch_per_seq", small_batch_per_seq)
+    cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    small = launchers.plan_decode_splits(1, 8, 32768, cuda)
+    assert (small.num_splits, small.per_seq) == (64, small_batch_per_seq)
+    assert launchers.plan_decode_splits(16, 4, 256, cuda).num_splits == 1  # short: one program, no merge
+    full = launchers.plan_decode_splits(256, 4, 2048, cuda)
+    assert (full.num_splits, full.per_seq, full.part_vs_mean) == (4, True, launchers.DECODE_TUNING["part_vs_mean"])
+    assert launchers.plan_decode_splits(1, 8, 32768, torch.device("cpu")) == launchers.SplitPlan(1, False)
