@@ -261,7 +261,9 @@ def figures(res: dict, first: str) -> dict:
             figs["throughput_vs_hf_cb_same_requests"] = (same["output_tokens_per_s"] / max(cb), ">= 20")
     if ours and tps("hf_generate"):
         figs["throughput_vs_hf_generate"] = (ours / tps("hf_generate"), ">= 200")
-    kv = (r.get("engine_sharegpt") or {}).get("kv_utilization_mean")
+    # a stage cut off before any request finished (e.g. the 8B shape alone under a short --budget-s) has no mean
+    eng = r.get("engine_sharegpt") or {}
+    kv = eng.get("kv_utilization_mean") if eng.get("completed") else None
     if kv is not None:
         figs["kv_utilization"] = (kv, ">= 0.98")
     sh = [s for s in (r.get("engine_sharing") or {}).get("settings", []) if s.get("saving_mean") is not None]
