@@ -12,7 +12,9 @@ length), per-sequence split settings (most parts a sequence, fewest tokens a par
 program on the same batch, and
 auto, 8 uniform splits and no per-sequence splits on the ops benchmark's main shape (64 x 4096, 32 / 8 heads,
 head 128), with the engine batch's three fastest settings, and auto, 1 and 4 uniform splits on 16 sequences of
-the engine's distribution (the end of a throughput run), the engine batch with its rows sorted by length
+the engine's distribution (the end of a throughput run), 512 sequences of it (the engine's default batch), the
+mean rule's threshold computed on the host instead of in every program (``auto_host_mean``: what a plan made
+once a step would save), the engine batch with its rows sorted by length
 (longest / shortest first), and the ops benchmark's long contexts (1 and 4 x 32K) with a small batch's
 sequences cut alike or each by its own length (``small_batch_per_seq``); each
 variant is checked against the PyTorch reference (float32) first. The engine-like batch runs over 22 layers'
@@ -53,7 +55,7 @@ ENGINE = SimpleNamespace(seqs=256, heads=32, kv_heads=4, head_size=64, block=16,
 DRY = SimpleNamespace(seqs=6, heads=4, kv_heads=2, head_size=64, block=16, width_tokens=256,
                       mean_prompt=20, generated=3, cap=200, dtype=torch.float32, layers=2)
 SPLITS = (1, 2, 4, 8, 16)
-SECTIONS = ("engine", "order", "small", "long", "main")
+SECTIONS = ("engine", "order", "engine512", "small", "long", "main")
 #: the long-context cases' head geometry in a dry run (CPU)
 DRY_LONG = SimpleNamespace(heads=4, kv_heads=2, head_size=64, dtype=torch.float32)
 #: DECODE_TUNING overrides timed on the engine-like batch (its default: 4 warps, 2 stages, 64-token tiles)
@@ -120,13 +122,27 @@ def reference(c) -> torch.Tensor:
         config.set_backend(previous)
 
 
-def variant(c, ref, sh, num_splits=None, tuning=None) -> dict:
+def host_mean_plan(c) -> launchers.SplitPlan:
+    """The launcher's full-batch plan for ``c`` with the mean rule's threshold computed here, on the host (what a
+    plan made once a step could hand every layer), so that no program reads the batch's lengths."""
+    t = launchers.DECODE_TUNING
+    width = c.max_len or c.bt.shape[1] * c.kc.shape[1]
+    threshold = max(t["min_tokens_per_part"], sum(min(n, width) for n in c.lens_list) * t["part_vs_mean"]
+                    // len(c.lens_list))
+    return launchers.SplitPlan(launchers.parts_per_seq_for(width), True, threshold, 0)
+
+
+def variant(c, ref, sh, num_splits=None, tuning=None, plan=None) -> dict:
     """Check (layer 0) then time the decode op over every layer's caches (``c.caches``, else ``c.kc, c.vc``)
-    with ``num_splits`` (None: the launcher's choice) and ``tuning`` (DECODE_TUNING overrides); per layer."""
+    with ``num_splits`` (None: the launcher's choice), ``tuning`` (DECODE_TUNING overrides) and ``plan`` (a
+    :class:`SplitPlan` the launcher uses instead of its own); per layer."""
     saved = dict(launchers.DECODE_TUNING)
+    saved_plan = launchers.plan_decode_splits
     caches = getattr(c, "caches", None) or [(c.kc, c.vc)]
     try:
         launchers.DECODE_TUNING.update(tuning or {})
+        if plan is not None:
+            launchers.plan_decode_splits = lambda *args: plan
         outs = [torch.full_like(c.q, float("nan")) for _ in caches]
 
         def fn():
@@ -145,6 +161,7 @@ def variant(c, ref, sh, num_splits=None, tuning=None) -> dict:
     finally:
         launchers.DECODE_TUNING.clear()
         launchers.DECODE_TUNING.update(saved)
+        launchers.plan_decode_splits = saved_plan
     return r
 
 
@@ -173,6 +190,7 @@ def main(argv=None) -> None:
     ref = reference(c)
     rows = {"auto": variant(c, ref, sh)}
     if "engine" in sections:
+        rows["auto_host_mean"] = variant(c, ref, sh, plan=host_mean_plan(c))
         for n in SPLITS:
             rows[f"splits_{n}"] = variant(c, ref, sh, num_splits=n)
         for t in TUNINGS + PARTS + KV_GROUPS:
@@ -196,6 +214,13 @@ def main(argv=None) -> None:
         res["small"] = {"auto": variant(cs, ref_s, sh), "splits_1": variant(cs, ref_s, sh, num_splits=1),
                         "splits_4": variant(cs, ref_s, sh, num_splits=4),
                         "auto_per_seq": variant(cs, ref_s, sh, tuning=dict(small_batch_per_seq=True))}
+    if "engine512" in sections:  # the engine's default batch since 2026-11-27 #7: 512 sequences
+        torch.manual_seed(2)
+        c5 = skewed_case(SimpleNamespace(**{**vars(e), "seqs": 512 if not args.dry_run else 12}))
+        ref_5 = reference(c5)
+        res["engine512"] = {"auto": variant(c5, ref_5, sh), "auto_host_mean": variant(c5, ref_5, sh,
+                                                                                       plan=host_mean_plan(c5)),
+                            "splits_1": variant(c5, ref_5, sh, num_splits=1)}
     if "long" in sections:  # the ops benchmark's long contexts of one and four sequences (few pairs)
         res["long"] = {}
         for seqs, seq_len in ((1, 32768), (4, 32768)) if not args.dry_run else ((1, 256),):
@@ -224,7 +249,7 @@ def main(argv=None) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
     for section in SECTIONS:
         for name, r in res.get(section, {}).items():
-            print(f"{section:6s} {name:24s} " + (f"{r['ms'] * 1e3:8.1f} us  splits {r['num_splits']:3d}"
+            print(f"{section:9s} {name:24s} " + (f"{r['ms'] * 1e3:8.1f} us  splits {r['num_splits']:3d}"
                                                  f"{' per seq' if r.get('per_seq') else '        '}  "
                                                  f"diff {r['max_abs_diff']:.1e} {'ok' if r['ok'] else 'FAIL'}"
                                                  if "ms" in r else r.get("error", "")), flush=True)
