@@ -36,7 +36,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _context_parts(seq_lens_ptr, seq, num_seqs, capacity, sliding_window, tokens_per_split, part_vs_mean,
+def _context_parts(seq_lens_ptr, seq, split, num_seqs, capacity, sliding_window, tokens_per_split, part_vs_mean,
                    num_splits, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, PER_SEQ: tl.constexpr,
                    LENS_BLOCK: tl.constexpr):
     """``(seq_len, window_start, lo, num_parts)`` of one sequence: its length clamped to the table's
@@ -46,7 +46,12 @@ def _context_parts(seq_lens_ptr, seq, num_seqs, capacity, sliding_window, tokens
     ``LENS_BLOCK > 1`` (the mean rule, read in blocks of that many lengths) also of at least
     ``part_vs_mean`` x the batch's mean length: only the batch's long tail is cut (a batch of equal
     lengths is not, so a bandwidth-bound batch keeps one program a sequence). The decode kernel and the
-    merge both call this, so they agree on the count."""
+    merge both call this, so they agree on the count.
+
+    The mean rule can only lower the count below ``tokens_per_split``'s, so the batch's lengths are read
+    only where that bound exceeds both 1 and ``split`` (the calling program's part; the merge passes 0):
+    the count is exact, except that a program whose part is past the bound gets the bound (it is empty
+    either way)."""
     seq_len = tl.load(seq_lens_ptr + seq)
     seq_len = tl.minimum(tl.maximum(seq_len, 0), capacity)
     window_start = seq_len * 0
@@ -54,15 +59,16 @@ def _context_parts(seq_lens_ptr, seq, num_seqs, capacity, sliding_window, tokens
         window_start = tl.maximum(seq_len - sliding_window, 0)
     lo = (window_start // TILE_N) * TILE_N
     if PER_SEQ:
-        min_part = tokens_per_split
+        num_parts = tl.minimum(tl.maximum(tl.cdiv(seq_len - lo, tokens_per_split), 1), num_splits).to(tl.int32)
         if LENS_BLOCK > 1:  # the mean rule (part_vs_mean > 0)
-            total = tl.zeros([LENS_BLOCK], dtype=tl.int64)
-            for i in range(0, num_seqs, LENS_BLOCK):
-                offs = i + tl.arange(0, LENS_BLOCK)
-                lens = tl.load(seq_lens_ptr + offs, mask=offs < num_seqs, other=0)
-                total += tl.minimum(tl.maximum(lens, 0), capacity).to(tl.int64)
-            min_part = tl.maximum(tl.sum(total, 0) * part_vs_mean // num_seqs, tokens_per_split)
-        num_parts = tl.minimum(tl.maximum(tl.cdiv(seq_len - lo, min_part), 1), num_splits).to(tl.int32)
+            if num_parts > tl.maximum(split, 1):
+                total = tl.zeros([LENS_BLOCK], dtype=tl.int64)
+                for i in range(0, num_seqs, LENS_BLOCK):
+                    offs = i + tl.arange(0, LENS_BLOCK)
+                    lens = tl.load(seq_lens_ptr + offs, mask=offs < num_seqs, other=0)
+                    total += tl.minimum(tl.maximum(lens, 0), capacity).to(tl.int64)
+                min_part = tl.maximum(tl.sum(total, 0) * part_vs_mean // num_seqs, tokens_per_split)
+                num_parts = tl.minimum(tl.maximum(tl.cdiv(seq_len - lo, min_part), 1), num_splits).to(tl.int32)
     else:
         num_parts = seq_len * 0 + num_splits
     return seq_len, window_start, lo, num_parts
@@ -94,7 +100,7 @@ def paged_decode_kernel(
     num_splits = tl.num_programs(2)
 
     seq_len, window_start, lo, num_parts = _context_parts(
-        seq_lens_ptr, seq, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
+        seq_lens_ptr, seq, split, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
         tokens_per_split, part_vs_mean, num_splits, TILE_N, USE_WINDOW, PER_SEQ, LENS_BLOCK)
     block_size = 1 << log2_block_size
 
@@ -225,7 +231,7 @@ def merge_splits_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len, window_start, lo, num_parts = _context_parts(
-        seq_lens_ptr, seq, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
+        seq_lens_ptr, seq, 0, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
         tokens_per_split, part_vs_mean, num_splits, TILE_N, USE_WINDOW, PER_SEQ, LENS_BLOCK)
     if PER_SEQ:
         if num_parts <= 1:
