@@ -78,8 +78,9 @@ def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, devic
 
     Few (sequence, KV head) pairs: up to :func:`num_splits_for` parts a sequence, of at least
     ``min_tokens_per_split`` tokens each, the same parts for every sequence (with ``small_batch_per_seq``:
-    each sequence cut by its own length, so a short context is one program). Enough pairs to fill the GPU: up to :func:`parts_per_seq_for` parts, only for sequences
-    longer than ``part_vs_mean`` x the batch's mean length (its long tail: bench/NOTES.md "Decode v7").
+    each sequence cut by its own length, so a short context is one program). Enough pairs to fill the GPU:
+    up to :func:`parts_per_seq_for` parts, only for sequences longer than ``part_vs_mean`` x the batch's mean
+    length (its long tail: bench/NOTES.md "Decode v7").
     """
     if device.type != "cuda":
         return SplitPlan(1, False)
