@@ -69,12 +69,18 @@ PARTS = [dict(max_parts_per_seq=p, min_tokens_per_part=m, part_vs_mean=r) for p,
 PARTS += [dict(p, num_warps=4, num_stages=3, tile_n=128) for p in PARTS[1:2] + PARTS[4:5]]
 #: several KV heads a program (opt-in): the two best of the 12 tunings run A of 2026-11-27 #7 swept (NOTES "Decode v8")
 KV_GROUPS = [dict(kv_heads_per_program=2, num_warps=4, num_stages=st, tile_n=64) for st in (2, 3)]
+#: when a tile's K/V loads are issued (Decode v11): V with K (1), the next tile's K/V before this tile's products
+#: (2), and with the block table read two tiles ahead (3), with warps / stages / tiles around the default
+PREFETCHES = ([dict(prefetch=1), dict(prefetch=2)]
+              + [dict(prefetch=3, num_warps=w, num_stages=st, tile_n=t)
+                 for w, st, t in ((4, 2, 64), (4, 1, 64), (8, 2, 64), (4, 2, 32), (4, 2, 128), (8, 2, 128))])
 
 
 def tuning_name(t: dict) -> str:
     """``w4_s3_t128``-style name of a tuning, with ``_p4_m256_r2`` for per-sequence split settings."""
-    name = "_".join(f"{k}{t[key]}" for k, key in (("kv", "kv_heads_per_program"), ("w", "num_warps"),
-                                                   ("s", "num_stages"), ("t", "tile_n")) if key in t)
+    keys = (("kv", "kv_heads_per_program"), ("pf", "prefetch"), ("w", "num_warps"), ("s", "num_stages"),
+            ("t", "tile_n"))
+    name = "_".join(f"{k}{t[key]}" for k, key in keys if key in t)
     if "max_parts_per_seq" in t:
         name = ((name + "_" if name else "") + f"p{t['max_parts_per_seq']}_m{t['min_tokens_per_part']}"
                 f"_r{t['part_vs_mean']}")
@@ -193,7 +199,7 @@ def main(argv=None) -> None:
         rows["auto_host_mean"] = variant(c, ref, sh, plan=host_mean_plan(c))
         for n in SPLITS:
             rows[f"splits_{n}"] = variant(c, ref, sh, num_splits=n)
-        for t in TUNINGS + PARTS + KV_GROUPS:
+        for t in TUNINGS + PARTS + KV_GROUPS + PREFETCHES:
             rows[tuning_name(t)] = variant(c, ref, sh, tuning=t)
         res["engine"] = rows
     # the same batch with its sequences sorted by length: longest first puts the long programs in the first
@@ -213,14 +219,16 @@ def main(argv=None) -> None:
     if "small" in sections:
         res["small"] = {"auto": variant(cs, ref_s, sh), "splits_1": variant(cs, ref_s, sh, num_splits=1),
                         "splits_4": variant(cs, ref_s, sh, num_splits=4),
-                        "auto_per_seq": variant(cs, ref_s, sh, tuning=dict(small_batch_per_seq=True))}
+                        "auto_per_seq": variant(cs, ref_s, sh, tuning=dict(small_batch_per_seq=True)),
+                        "pf3": variant(cs, ref_s, sh, tuning=dict(prefetch=3))}
     if "engine512" in sections:  # the engine's default batch since 2026-11-27 #7: 512 sequences
         torch.manual_seed(2)
         c5 = skewed_case(SimpleNamespace(**{**vars(e), "seqs": 512 if not args.dry_run else 12}))
         ref_5 = reference(c5)
         res["engine512"] = {"auto": variant(c5, ref_5, sh), "auto_host_mean": variant(c5, ref_5, sh,
                                                                                        plan=host_mean_plan(c5)),
-                            "splits_1": variant(c5, ref_5, sh, num_splits=1)}
+                            "splits_1": variant(c5, ref_5, sh, num_splits=1),
+                            "pf3": variant(c5, ref_5, sh, tuning=dict(prefetch=3))}
     if "long" in sections:  # the ops benchmark's long contexts of one and four sequences (few pairs)
         res["long"] = {}
         for seqs, seq_len in ((1, 32768), (4, 32768)) if not args.dry_run else ((1, 256),):
@@ -239,8 +247,8 @@ def main(argv=None) -> None:
         # the engine batch's three fastest tunings, on the main shape too (a default must not lose there)
         timed = sorted((r["ms"], name) for name, r in rows.items() if name[0] in "wpk" and "ms" in r)
         for _, name in timed[:3]:
-            res["main"][name] = variant(m, ref_m, sh, tuning=next(t for t in TUNINGS + PARTS + KV_GROUPS
-                                                                  if tuning_name(t) == name))
+            res["main"][name] = variant(m, ref_m, sh, tuning=next(
+                t for t in TUNINGS + PARTS + KV_GROUPS + PREFETCHES if tuning_name(t) == name))
     out_dir = Path(tempfile.mkdtemp()) if args.dry_run else ROOT / "bench" / "results" / card_slug(card)
     out_dir.mkdir(parents=True, exist_ok=True)
     # a run of some sections only does not overwrite the full run's file

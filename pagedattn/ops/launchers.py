@@ -28,6 +28,9 @@ DECODE_TUNING = {
     "num_stages": 2,
     "tile_n": None,               # None: chosen from head size and dtype
     "kv_heads_per_program": 1,    # a power of two: one program reads this many KV heads of a sequence
+    # when a tile's K/V loads are issued: 0 V after the scores, 1 V with K, 2 the next tile's K and V before
+    # this tile's products, 3 as 2 with the block table read one more tile ahead (bench/NOTES.md "Decode v11")
+    "prefetch": 0,
     # full batches: a sequence's context is cut into parts of at least min_tokens_per_part tokens and
     # part_vs_mean x the batch's mean length, at most max_parts_per_seq of them (1: no split)
     "min_tokens_per_part": 256,
@@ -175,7 +178,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         SPLIT=num_splits > 1,
         PER_SEQ=per_seq, LENS_BLOCK=lens_block,
         USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
-        WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
+        WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query), PREFETCH=int(DECODE_TUNING["prefetch"]),
         **extra,
     )
     if num_splits > 1:
@@ -346,7 +349,7 @@ def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
         HEAD_SIZE=head_size, BLOCK_D=triton.next_power_of_2(head_size), GROUP_P=group_p, BLOCK_Q=block_q,
         TILE_N=tile_n,
         USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
-        WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
+        WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query), PREFETCH=int(DECODE_TUNING["prefetch"]),
         **variant, **extra,
     )
     if on_cuda:

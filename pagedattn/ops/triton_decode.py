@@ -26,13 +26,80 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def _tanh(x):
     # tanh through exp, safe at both ends: exp overflowing to inf gives 1, underflowing gives -1.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _tile_block_ids(bt_row, stride_btb, tile_start, end, col_tok, log2_block_size):
+    """The block id of each column of the tile from ``tile_start`` (-1 past ``end``: nothing is read there)."""
+    offs_t = tile_start + col_tok
+    return tl.load(bt_row + (offs_t >> log2_block_size) * stride_btb, mask=offs_t < end, other=-1)
+
+
+@triton.jit
+def _tile_rows(block_ids, tile_start, end, window_start, col_tok, col_kv, num_kv_heads, num_blocks,
+               log2_block_size, KV_HEADS: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """``(offs_t, valid, block_ids, in_block)`` of the tile from ``tile_start`` given its columns' block ids:
+    each column's token, whether it is read (before ``end``, in its window, a block id inside the pool, a real
+    KV head), its block (0 where not valid) and its slot in the block."""
+    offs_t = tile_start + col_tok
+    valid = (offs_t < end) & (block_ids >= 0) & (block_ids < num_blocks)
+    if USE_WINDOW:
+        valid = valid & (offs_t >= window_start)
+    if KV_HEADS > 1:
+        valid = valid & (col_kv < num_kv_heads)
+    block_ids = tl.where(valid, block_ids, 0).to(tl.int64)
+    return offs_t, valid, block_ids, offs_t & ((1 << log2_block_size) - 1)
+
+
+@triton.jit
+def _load_rows(head_ptr, block_ids, in_block, stride_b, stride_t, stride_d, offs_d, valid, d_mask):
+    """The K or V rows of a tile's valid columns (zeros elsewhere)."""
+    return tl.load(head_ptr + block_ids[:, None] * stride_b + in_block[:, None] * stride_t + offs_d[None, :] * stride_d,
+                   mask=valid[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _tile_scores(q, k, offs_t, valid, own_head, slopes, scale, softcap, seq_len, KV_HEADS: tl.constexpr,
+                 USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_F32: tl.constexpr):
+    """Scaled scores ``[BLOCK_M, columns]`` of the query rows against a tile (soft-cap, ALiBi); ``-inf`` where
+    a column is not read (or, with several KV heads, belongs to another head than the row's)."""
+    if DOT_F32:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale
+    if USE_SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    if USE_ALIBI:
+        s = s + slopes[:, None] * (offs_t - seq_len + 1).to(tl.float32)[None, :]
+    if KV_HEADS == 1:
+        return tl.where(valid[None, :], s, float("-inf"))
+    return tl.where(valid[None, :] & own_head, s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """``(p, alpha, m_new, l_new)``: a tile's unnormalized probabilities, the factor that rescales what was
+    accumulated, and the running max and sum after the tile (a row that saw nothing keeps max -inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m_i - m_safe) * LOG2E)
+    p = tl.exp2((s - m_safe[:, None]) * LOG2E)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _accumulate(acc, p, alpha, v, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
 
 @triton.jit
@@ -92,7 +159,7 @@ def paged_decode_kernel(
     HEAD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
     KV_HEADS: tl.constexpr, SPLIT: tl.constexpr, PER_SEQ: tl.constexpr, LENS_BLOCK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
-    WRITE_LSE: tl.constexpr, DOT_F32: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_F32: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_first = tl.program_id(1) * KV_HEADS  # the program's first KV head
@@ -102,7 +169,6 @@ def paged_decode_kernel(
     seq_len, window_start, lo, num_parts = _context_parts(
         seq_lens_ptr, seq, split, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
         tokens_per_split, part_vs_mean, num_splits, TILE_N, USE_WINDOW, PER_SEQ, LENS_BLOCK)
-    block_size = 1 << log2_block_size
 
     if PER_SEQ:
         if split >= num_parts:
@@ -129,6 +195,8 @@ def paged_decode_kernel(
     if KV_HEADS == 1:
         m_mask = offs_m < group_size
         col_tok = offs_n
+        col_kv = offs_n * 0 + kv_first  # unused: one KV head
+        own_head = m_mask[:, None]      # unused: every row scores every column
         k_head = k_cache_ptr + kv_first * stride_kh
         v_head = v_cache_ptr + kv_first * stride_vh
     else:
@@ -144,56 +212,60 @@ def paged_decode_kernel(
 
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_ALIBI:
-        slopes = tl.load(alibi_slopes_ptr + heads, mask=m_mask, other=0.0)
+        slopes = tl.load(alibi_slopes_ptr + heads, mask=m_mask, other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
 
-    for tile_start in range(start, end, TILE_N):
-        offs_t = tile_start + col_tok
-        in_seq = offs_t < end
-        block_ids = tl.load(bt_row + (offs_t >> log2_block_size) * stride_btb, mask=in_seq, other=-1)
-        valid = in_seq & (block_ids >= 0) & (block_ids < num_blocks)
-        if USE_WINDOW:
-            valid = valid & (offs_t >= window_start)
-        if KV_HEADS > 1:
-            valid = valid & (col_kv < num_kv_heads)
-        block_ids = tl.where(valid, block_ids, 0).to(tl.int64)
-        in_block = offs_t & (block_size - 1)
-        kv_mask = valid[:, None] & d_mask[None, :]
-
-        k = tl.load(k_head + block_ids[:, None] * stride_kb + in_block[:, None] * stride_kt
-                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        if USE_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        if USE_ALIBI:
-            s = s + slopes[:, None] * (offs_t - seq_len + 1).to(tl.float32)[None, :]
-        if KV_HEADS == 1:
-            s = tl.where(valid[None, :], s, float("-inf"))
-        else:
-            s = tl.where(valid[None, :] & own_head, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
-        p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        v = tl.load(v_head + block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt
-                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if PREFETCH >= 2:
+        # the next tile's K and V are loaded before this tile's products, so their latency hides behind them;
+        # PREFETCH 3 also reads the block table one more tile ahead (no wait on it before the next loads)
+        block_ids = _tile_block_ids(bt_row, stride_btb, start, end, col_tok, log2_block_size)
+        offs_t, valid, block_ids, in_block = _tile_rows(block_ids, start, end, window_start, col_tok, col_kv,
+                                                        num_kv_heads, num_blocks, log2_block_size, KV_HEADS,
+                                                        USE_WINDOW)
+        k = _load_rows(k_head, block_ids, in_block, stride_kb, stride_kt, stride_kd, offs_d, valid, d_mask)
+        v = _load_rows(v_head, block_ids, in_block, stride_vb, stride_vt, stride_vd, offs_d, valid, d_mask)
+        ahead_ids = _tile_block_ids(bt_row, stride_btb, start + TILE_N, end, col_tok, log2_block_size)
+        for tile_start in range(start, end, TILE_N):
+            # past the end every column is masked: nothing is read
+            if PREFETCH == 3:
+                next_ids = ahead_ids
+                ahead_ids = _tile_block_ids(bt_row, stride_btb, tile_start + 2 * TILE_N, end, col_tok,
+                                            log2_block_size)
+            else:
+                next_ids = _tile_block_ids(bt_row, stride_btb, tile_start + TILE_N, end, col_tok, log2_block_size)
+            next_t, next_valid, block_ids, in_block = _tile_rows(
+                next_ids, tile_start + TILE_N, end, window_start, col_tok, col_kv, num_kv_heads, num_blocks,
+                log2_block_size, KV_HEADS, USE_WINDOW)
+            next_k = _load_rows(k_head, block_ids, in_block, stride_kb, stride_kt, stride_kd, offs_d, next_valid,
+                                d_mask)
+            next_v = _load_rows(v_head, block_ids, in_block, stride_vb, stride_vt, stride_vd, offs_d, next_valid,
+                                d_mask)
+            s = _tile_scores(q, k, offs_t, valid, own_head, slopes, scale, softcap, seq_len,
+                             KV_HEADS, USE_SOFTCAP, USE_ALIBI, DOT_F32)
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+            acc = _accumulate(acc, p, alpha, v, DOT_F32)
+            offs_t, valid, k, v = next_t, next_valid, next_k, next_v
+    else:
+        for tile_start in range(start, end, TILE_N):
+            block_ids = _tile_block_ids(bt_row, stride_btb, tile_start, end, col_tok, log2_block_size)
+            offs_t, valid, block_ids, in_block = _tile_rows(block_ids, tile_start, end, window_start, col_tok, col_kv,
+                                                            num_kv_heads, num_blocks, log2_block_size, KV_HEADS,
+                                                            USE_WINDOW)
+            k = _load_rows(k_head, block_ids, in_block, stride_kb, stride_kt, stride_kd, offs_d, valid, d_mask)
+            if PREFETCH == 1:  # V issued with K: one wait for both
+                v = _load_rows(v_head, block_ids, in_block, stride_vb, stride_vt, stride_vd, offs_d, valid, d_mask)
+            s = _tile_scores(q, k, offs_t, valid, own_head, slopes, scale, softcap, seq_len,
+                             KV_HEADS, USE_SOFTCAP, USE_ALIBI, DOT_F32)
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+            if PREFETCH == 0:  # V issued after the scores (the order measured up to 2026-11-27)
+                v = _load_rows(v_head, block_ids, in_block, stride_vb, stride_vt, stride_vd, offs_d, valid, d_mask)
+            acc = _accumulate(acc, p, alpha, v, DOT_F32)
 
     has_any = l_i > 0
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]
