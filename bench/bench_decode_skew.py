@@ -70,10 +70,13 @@ PARTS += [dict(p, num_warps=4, num_stages=3, tile_n=128) for p in PARTS[1:2] + P
 #: several KV heads a program (opt-in): the two best of the 12 tunings run A of 2026-11-27 #7 swept (NOTES "Decode v8")
 KV_GROUPS = [dict(kv_heads_per_program=2, num_warps=4, num_stages=st, tile_n=64) for st in (2, 3)]
 #: when a tile's K/V loads are issued (Decode v11): V with K (1), the next tile's K/V before this tile's products
-#: (2), and with the block table read two tiles ahead (3), with warps / stages / tiles around the default
+#: (2), and with the block table read two tiles ahead (3); the block table one tile ahead with the compiler
+#: pipelining K/V (4: its copies stay in flight across a tile with 3 stages), with warps / stages / tiles
 PREFETCHES = ([dict(prefetch=1), dict(prefetch=2)]
               + [dict(prefetch=3, num_warps=w, num_stages=st, tile_n=t)
-                 for w, st, t in ((4, 2, 64), (4, 1, 64), (8, 2, 64), (4, 2, 32), (4, 2, 128), (8, 2, 128))])
+                 for w, st, t in ((4, 2, 64), (4, 1, 64), (8, 2, 64), (4, 2, 32), (4, 2, 128), (8, 2, 128))]
+              + [dict(prefetch=4, num_warps=4, num_stages=st, tile_n=t)
+                 for st, t in ((2, 64), (3, 64), (4, 64), (3, 32), (4, 32), (3, 128))])
 
 
 def tuning_name(t: dict) -> str:
@@ -220,7 +223,8 @@ def main(argv=None) -> None:
         res["small"] = {"auto": variant(cs, ref_s, sh), "splits_1": variant(cs, ref_s, sh, num_splits=1),
                         "splits_4": variant(cs, ref_s, sh, num_splits=4),
                         "auto_per_seq": variant(cs, ref_s, sh, tuning=dict(small_batch_per_seq=True)),
-                        "pf3": variant(cs, ref_s, sh, tuning=dict(prefetch=3))}
+                        "pf3": variant(cs, ref_s, sh, tuning=dict(prefetch=3)),
+                        "pf4_s3": variant(cs, ref_s, sh, tuning=dict(prefetch=4, num_stages=3))}
     if "engine512" in sections:  # the engine's default batch since 2026-11-27 #7: 512 sequences
         torch.manual_seed(2)
         c5 = skewed_case(SimpleNamespace(**{**vars(e), "seqs": 512 if not args.dry_run else 12}))
@@ -228,7 +232,8 @@ def main(argv=None) -> None:
         res["engine512"] = {"auto": variant(c5, ref_5, sh), "auto_host_mean": variant(c5, ref_5, sh,
                                                                                        plan=host_mean_plan(c5)),
                             "splits_1": variant(c5, ref_5, sh, num_splits=1),
-                            "pf3": variant(c5, ref_5, sh, tuning=dict(prefetch=3))}
+                            "pf3": variant(c5, ref_5, sh, tuning=dict(prefetch=3)),
+                            "pf4_s3": variant(c5, ref_5, sh, tuning=dict(prefetch=4, num_stages=3))}
     if "long" in sections:  # the ops benchmark's long contexts of one and four sequences (few pairs)
         res["long"] = {}
         for seqs, seq_len in ((1, 32768), (4, 32768)) if not args.dry_run else ((1, 256),):

@@ -221,7 +221,7 @@ def paged_decode_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
 
-    if PREFETCH >= 2:
+    if PREFETCH == 2 or PREFETCH == 3:
         # the next tile's K and V are loaded before this tile's products, so their latency hides behind them;
         # PREFETCH 3 also reads the block table one more tile ahead (no wait on it before the next loads)
         block_ids = _tile_block_ids(bt_row, stride_btb, start, end, col_tok, log2_block_size)
@@ -251,6 +251,22 @@ def paged_decode_kernel(
             p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
             acc = _accumulate(acc, p, alpha, v, DOT_F32)
             offs_t, valid, k, v = next_t, next_valid, next_k, next_v
+    elif PREFETCH == 4:
+        # the block table read one tile ahead (carried), K/V loaded in the loop: the compiler's pipeliner can
+        # then issue a tile's K/V copies a stage early without waiting on its block ids
+        ahead_ids = _tile_block_ids(bt_row, stride_btb, start, end, col_tok, log2_block_size)
+        for tile_start in range(start, end, TILE_N):
+            block_ids = ahead_ids
+            ahead_ids = _tile_block_ids(bt_row, stride_btb, tile_start + TILE_N, end, col_tok, log2_block_size)
+            offs_t, valid, block_ids, in_block = _tile_rows(block_ids, tile_start, end, window_start, col_tok, col_kv,
+                                                            num_kv_heads, num_blocks, log2_block_size, KV_HEADS,
+                                                            USE_WINDOW)
+            k = _load_rows(k_head, block_ids, in_block, stride_kb, stride_kt, stride_kd, offs_d, valid, d_mask)
+            v = _load_rows(v_head, block_ids, in_block, stride_vb, stride_vt, stride_vd, offs_d, valid, d_mask)
+            s = _tile_scores(q, k, offs_t, valid, own_head, slopes, scale, softcap, seq_len,
+                             KV_HEADS, USE_SOFTCAP, USE_ALIBI, DOT_F32)
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+            acc = _accumulate(acc, p, alpha, v, DOT_F32)
     else:
         for tile_start in range(start, end, TILE_N):
             block_ids = _tile_block_ids(bt_row, stride_btb, tile_start, end, col_tok, log2_block_size)

@@ -46,7 +46,8 @@ def run_ops(dtype, head, block_size, layout) -> None:
     # must be masked)
     saved = dict(launchers.DECODE_TUNING)
     try:
-        for tuning in (dict(kv_heads_per_program=2), dict(prefetch=3), dict(prefetch=2, kv_heads_per_program=2)):
+        for tuning in (dict(kv_heads_per_program=2), dict(prefetch=3), dict(prefetch=4, num_stages=3),
+                       dict(prefetch=2, kv_heads_per_program=2)):
             launchers.DECODE_TUNING.update(saved)
             launchers.DECODE_TUNING.update(tuning)
             for num_splits in (0, 3):

@@ -43,19 +43,19 @@ def test_decode_kernel_matches_reference(case):
     run_decode_and_check(problem, dtype, what=str(case), **feats)
 
 
-@pytest.mark.parametrize("prefetch", [1, 2, 3])
+@pytest.mark.parametrize("prefetch", [1, 2, 3, 4])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-b{c[4]}")
 def test_decode_kernel_load_orders_match_reference(case, prefetch, monkeypatch):
     """The other orders of a tile's loads (``DECODE_TUNING["prefetch"]``): V issued with K, the next tile's K and
-    V issued before this tile's products, and the block table read two tiles ahead (the prefetches past the last
-    tile read nothing: every column masked)."""
+    V issued before this tile's products, with the block table read two tiles ahead, and the block table read one
+    tile ahead for the compiler's pipeliner (the reads past the last tile read nothing: every column masked)."""
     from pagedattn.ops import launchers
 
     monkeypatch.setitem(launchers.DECODE_TUNING, "prefetch", prefetch)
     test_decode_kernel_matches_reference(case)
 
 
-@pytest.mark.parametrize("prefetch", [0, 2, 3])
+@pytest.mark.parametrize("prefetch", [0, 3, 4])
 @pytest.mark.parametrize("per_seq", [False, True], ids=["one-program", "per-sequence-splits"])
 def test_decode_kernel_masks_bad_values(per_seq, prefetch, monkeypatch):
     """Block ids outside the pool are skipped and lengths clamped, exactly as the reference does, with one
@@ -114,7 +114,7 @@ PER_SEQ_CASES = [
 ]
 
 
-@pytest.mark.parametrize("part_vs_mean, prefetch", [(0, 0), (2, 0), (2, 3)])
+@pytest.mark.parametrize("part_vs_mean, prefetch", [(0, 0), (2, 0), (2, 3), (2, 4)])
 @pytest.mark.parametrize("case", PER_SEQ_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-b{c[4]}")
 def test_decode_per_sequence_splits_match_reference(case, part_vs_mean, prefetch, monkeypatch):
     """The full-batch rule (each sequence cut by its own length; the CPU never picks it) forced on: short
