@@ -24,12 +24,14 @@ times are per layer.
     python bench/bench_decode_skew.py            # bench/results/<card>/decode_skew.json
     python bench/bench_decode_skew.py --dry-run  # CPU (Triton interpreter), tiny shapes, temp output
     python bench/bench_decode_skew.py --sections small,long  # some sections (decode_skew_small_long.json)
+    python bench/bench_decode_skew.py --compile-report --out DIR  # no GPU: registers, pipelining of each tuning
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +43,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from bench import harness as hx  # noqa: E402
 from bench.bench_ops import sec_physical  # noqa: E402
@@ -179,7 +182,26 @@ def main(argv=None) -> None:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma list of {', '.join(SECTIONS)} (default: all)")
+    ap.add_argument("--compile-report", action="store_true",
+                    help="no GPU: compile the default and every swept tuning for sm_90a and report registers, "
+                         "shared memory, pipelining depth and programs a multiprocessor (not under TRITON_INTERPRET)")
+    ap.add_argument("--out", default=None, help="directory of the --compile-report JSON (default: a temp dir)")
     args = ap.parse_args(argv)
+    if args.compile_report:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            sys.exit("--compile-report compiles for a GPU: unset TRITON_INTERPRET")
+        from bench.compile_report import decode_compile_report
+
+        variants = {"default": {}, **{tuning_name(t): t for t in TUNINGS + PARTS + KV_GROUPS + PREFETCHES}}
+        rows = decode_compile_report(variants, ENGINE)
+        path = Path(args.out or tempfile.mkdtemp(prefix="bench_decode_skew_")) / "decode_compile_report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = {"triton": triton.__version__, "target": "sm_90a (compiled on a CPU, not run)",
+                  "date": datetime.date.today().isoformat(), "shape": {k: str(v) for k, v in vars(ENGINE).items()},
+                  "variants": rows}
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     sections = set(args.sections.split(","))
     if not sections <= set(SECTIONS):
         ap.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}; expected some of {SECTIONS}")
