@@ -351,7 +351,7 @@ def paged_prefill(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tenso
         HEAD_SIZE=head_size, BLOCK_D=triton.next_power_of_2(head_size), GROUP_P=group_p, BLOCK_Q=block_q,
         TILE_N=tile_n,
         USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
-        WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query), PREFETCH=int(DECODE_TUNING["prefetch"]),
+        WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
         **variant, **extra,
     )
     if on_cuda:
