@@ -214,12 +214,14 @@ def main(argv=None) -> None:
            "tuning": dict(launchers.DECODE_TUNING)}
     if not args.dry_run:
         sec_physical(res.setdefault("physical", {}), sh)  # the copy bandwidth the fractions refer to
-    torch.manual_seed(0)
-    c = skewed_case(e)
-    res["engine_shape"].update(max_len=max(c.lens_list), mean_len=float(np.mean(c.lens_list)),
-                               kv_bytes=c.kv_bytes)
-    ref = reference(c)
-    rows = {"auto": variant(c, ref, sh)}
+    rows = {}
+    if sections & {"engine", "order", "main"}:  # the engine-like batch (main times its fastest tunings)
+        torch.manual_seed(0)
+        c = skewed_case(e)
+        res["engine_shape"].update(max_len=max(c.lens_list), mean_len=float(np.mean(c.lens_list)),
+                                   kv_bytes=c.kv_bytes)
+        ref = reference(c)
+        rows["auto"] = variant(c, ref, sh)
     if "engine" in sections:
         rows["auto_host_mean"] = variant(c, ref, sh, plan=host_mean_plan(c))
         for n in SPLITS:
@@ -229,19 +231,18 @@ def main(argv=None) -> None:
         res["engine"] = rows
     # the same batch with its sequences sorted by length: longest first puts the long programs in the first
     # wave (the grid's x axis is the sequence), shortest first in the last
-    by_len = sorted(range(len(c.lens_list)), key=lambda i: -c.lens_list[i])
-    for name, order in (("longest_first", by_len), ("shortest_first", by_len[::-1])):
-        co = reordered(c, order)
-        ref_o = ref[torch.tensor(order, device=ref.device)]
-        if "order" in sections:
-            res.setdefault("order", {})[f"auto_{name}"] = variant(co, ref_o, sh)
+    if "order" in sections:
+        res["order"] = {}
+        by_len = sorted(range(len(c.lens_list)), key=lambda i: -c.lens_list[i])
+        for name, order in (("longest_first", by_len), ("shortest_first", by_len[::-1])):
+            co = reordered(c, order)
+            ref_o = ref[torch.tensor(order, device=ref.device)]
+            res["order"][f"auto_{name}"] = variant(co, ref_o, sh)
             res["order"][f"splits_1_{name}"] = variant(co, ref_o, sh, num_splits=1)
-    # the end of a throughput run: 16 sequences (few pairs: parts of >= 512 tokens, short ones one program)
-    small = SimpleNamespace(**{**vars(e), "seqs": 16 if not args.dry_run else 3})
-    torch.manual_seed(1)
-    cs = skewed_case(small)
-    ref_s = reference(cs)
-    if "small" in sections:
+    if "small" in sections:  # the end of a throughput run: 16 sequences (few pairs: uniform parts of >= 512 tokens)
+        torch.manual_seed(1)
+        cs = skewed_case(SimpleNamespace(**{**vars(e), "seqs": 16 if not args.dry_run else 3}))
+        ref_s = reference(cs)
         res["small"] = {"auto": variant(cs, ref_s, sh), "splits_1": variant(cs, ref_s, sh, num_splits=1),
                         "splits_4": variant(cs, ref_s, sh, num_splits=4),
                         "auto_per_seq": variant(cs, ref_s, sh, tuning=dict(small_batch_per_seq=True)),
