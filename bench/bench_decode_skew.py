@@ -75,7 +75,7 @@ KV_GROUPS = [dict(kv_heads_per_program=2, num_warps=4, num_stages=st, tile_n=64)
 #: when a tile's K/V loads are issued (Decode v11): V with K (1), the next tile's K/V before this tile's products
 #: (2), and with the block table read two tiles ahead (3); the block table one tile ahead with the compiler
 #: pipelining K/V (4: its copies stay in flight across a tile with 3 stages), with warps / stages / tiles
-PREFETCHES = ([dict(prefetch=1), dict(prefetch=2)]
+PREFETCHES = ([dict(prefetch=0), dict(prefetch=1), dict(prefetch=2)]
               + [dict(prefetch=3, num_warps=w, num_stages=st, tile_n=t)
                  for w, st, t in ((4, 2, 64), (4, 1, 64), (8, 2, 64), (4, 2, 32), (4, 2, 128), (8, 2, 128))]
               + [dict(prefetch=4, num_warps=4, num_stages=st, tile_n=t)
@@ -246,6 +246,7 @@ def main(argv=None) -> None:
         res["small"] = {"auto": variant(cs, ref_s, sh), "splits_1": variant(cs, ref_s, sh, num_splits=1),
                         "splits_4": variant(cs, ref_s, sh, num_splits=4),
                         "auto_per_seq": variant(cs, ref_s, sh, tuning=dict(small_batch_per_seq=True)),
+                        "pf0": variant(cs, ref_s, sh, tuning=dict(prefetch=0)),
                         "pf3": variant(cs, ref_s, sh, tuning=dict(prefetch=3)),
                         "pf4_s3": variant(cs, ref_s, sh, tuning=dict(prefetch=4, num_stages=3))}
     if "engine512" in sections:  # the engine's default batch since 2026-11-27 #7: 512 sequences
@@ -255,6 +256,7 @@ def main(argv=None) -> None:
         res["engine512"] = {"auto": variant(c5, ref_5, sh), "auto_host_mean": variant(c5, ref_5, sh,
                                                                                        plan=host_mean_plan(c5)),
                             "splits_1": variant(c5, ref_5, sh, num_splits=1),
+                            "pf0": variant(c5, ref_5, sh, tuning=dict(prefetch=0)),
                             "pf3": variant(c5, ref_5, sh, tuning=dict(prefetch=3)),
                             "pf4_s3": variant(c5, ref_5, sh, tuning=dict(prefetch=4, num_stages=3))}
     if "long" in sections:  # the ops benchmark's long contexts of one and four sequences (few pairs)
@@ -266,12 +268,14 @@ def main(argv=None) -> None:
             for per_seq in (False, True):
                 res["long"][f"{seqs}x{seq_len}_per_seq_{int(per_seq)}"] = variant(
                     lc, ref_l, sh, tuning=dict(small_batch_per_seq=per_seq))
+            res["long"][f"{seqs}x{seq_len}_pf0"] = variant(lc, ref_l, sh, tuning=dict(prefetch=0))
     if "main" in sections and not args.dry_run:  # the main shape (1 GiB of K/V) only on the GPU
         m = make_case(FULL.seqs, FULL.seq_len, FULL.block, "HND", FULL)
         m.max_len = FULL.seq_len
         ref_m = reference(m)
         res["main"] = {"auto": variant(m, ref_m, sh), "splits_8": variant(m, ref_m, sh, num_splits=8),
-                       "p1_m256": variant(m, ref_m, sh, tuning=PARTS[0])}  # per-sequence splits off
+                       "p1_m256": variant(m, ref_m, sh, tuning=PARTS[0]),  # per-sequence splits off
+                       "pf0": variant(m, ref_m, sh, tuning=dict(prefetch=0))}  # the load order up to v11
         # the engine batch's three fastest tunings, on the main shape too (a default must not lose there)
         timed = sorted((r["ms"], name) for name, r in rows.items() if name[0] in "wpk" and "ms" in r)
         for _, name in timed[:3]:

@@ -31,8 +31,9 @@ DECODE_TUNING = {
     # when a tile's K/V loads are issued: 0 V after the scores, 1 V with K, 2 the next tile's K and V before
     # this tile's products, 3 as 2 with the block table read one more tile ahead, 4 the block table one tile
     # ahead and K/V left to the compiler's pipeliner (with num_stages 3 it keeps a tile's copies in flight
-    # across the previous tile's products; bench/NOTES.md "Decode v11")
-    "prefetch": 0,
+    # across the previous tile's products; bench/NOTES.md "Decode v11"). 4 by default since run A of
+    # 2026-11-27 #8 (H100, 2 stages): engine batch 30.1 against 0's 32.9 us, the main shape 362.8 against 366.2
+    "prefetch": 4,
     # full batches: a sequence's context is cut into parts of at least min_tokens_per_part tokens and
     # part_vs_mean x the batch's mean length, at most max_parts_per_seq of them (1: no split)
     "min_tokens_per_part": 256,

@@ -172,12 +172,12 @@ def test_decode_full_batch_per_sequence_splits(case):
     run_decode_and_check(p, dtype, what=f"full batch {case}", **feats)
 
 
-@pytest.mark.parametrize("prefetch", [1, 2, 3, 4])
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
 @pytest.mark.parametrize("case", FULL_BATCH_CASES + [(torch.bfloat16, (32, 8), 128, 16, {"long": True})],
                          ids=lambda c: f"{str(c[0])[6:]}-h{c[1][0]}kv{c[1][1]}-d{c[2]}")
 def test_decode_load_orders(case, prefetch, monkeypatch):
-    """The other orders of a tile's K/V loads (``DECODE_TUNING["prefetch"]``, Triton; the CUDA backend ignores
-    it) on skewed full batches (per-sequence parts) and on two long contexts (uniform splits)."""
+    """The orders of a tile's K/V loads other than the default 4 (``DECODE_TUNING["prefetch"]``, Triton; the CUDA
+    backend ignores it) on skewed full batches (per-sequence parts) and on two long contexts (uniform splits)."""
     from pagedattn.ops import launchers
 
     monkeypatch.setitem(launchers.DECODE_TUNING, "prefetch", prefetch)

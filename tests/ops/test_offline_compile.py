@@ -20,7 +20,7 @@ import json
 from bench.bench_decode_skew import ENGINE
 from bench.bench_prefill import PFULL
 from bench.compile_report import decode_compile_report, prefill_compile_report
-decode = decode_compile_report({"default": {}, "pf1": dict(prefetch=1), "pf2": dict(prefetch=2),
+decode = decode_compile_report({"default": {}, "pf0": dict(prefetch=0), "pf1": dict(prefetch=1), "pf2": dict(prefetch=2),
                                 "pf3": dict(prefetch=3), "pf4_s3": dict(prefetch=4, num_stages=3),
                                 "kv2": dict(kv_heads_per_program=2)}, ENGINE)
 prefill = prefill_compile_report({"default": {}}, PFULL)
