@@ -24,12 +24,14 @@ times are per layer.
     python bench/bench_decode_skew.py            # bench/results/<card>/decode_skew.json
     python bench/bench_decode_skew.py --dry-run  # CPU (Triton interpreter), tiny shapes, temp output
     python bench/bench_decode_skew.py --sections small,long  # some sections (decode_skew_small_long.json)
+    python bench/bench_decode_skew.py --compile-report --out DIR  # no GPU: registers, pipelining of each tuning
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +43,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from bench import harness as hx  # noqa: E402
 from bench.bench_ops import sec_physical  # noqa: E402
@@ -69,12 +72,21 @@ PARTS = [dict(max_parts_per_seq=p, min_tokens_per_part=m, part_vs_mean=r) for p,
 PARTS += [dict(p, num_warps=4, num_stages=3, tile_n=128) for p in PARTS[1:2] + PARTS[4:5]]
 #: several KV heads a program (opt-in): the two best of the 12 tunings run A of 2026-11-27 #7 swept (NOTES "Decode v8")
 KV_GROUPS = [dict(kv_heads_per_program=2, num_warps=4, num_stages=st, tile_n=64) for st in (2, 3)]
+#: when a tile's K/V loads are issued (Decode v11): V with K (1), the next tile's K/V before this tile's products
+#: (2), and with the block table read two tiles ahead (3); the block table one tile ahead with the compiler
+#: pipelining K/V (4: its copies stay in flight across a tile with 3 stages), with warps / stages / tiles
+PREFETCHES = ([dict(prefetch=0), dict(prefetch=1), dict(prefetch=2)]
+              + [dict(prefetch=3, num_warps=w, num_stages=st, tile_n=t)
+                 for w, st, t in ((4, 2, 64), (4, 1, 64), (8, 2, 64), (4, 2, 32), (4, 2, 128), (8, 2, 128))]
+              + [dict(prefetch=4, num_warps=4, num_stages=st, tile_n=t)
+                 for st, t in ((2, 64), (3, 64), (4, 64), (3, 32), (4, 32), (3, 128))])
 
 
 def tuning_name(t: dict) -> str:
     """``w4_s3_t128``-style name of a tuning, with ``_p4_m256_r2`` for per-sequence split settings."""
-    name = "_".join(f"{k}{t[key]}" for k, key in (("kv", "kv_heads_per_program"), ("w", "num_warps"),
-                                                   ("s", "num_stages"), ("t", "tile_n")) if key in t)
+    keys = (("kv", "kv_heads_per_program"), ("pf", "prefetch"), ("w", "num_warps"), ("s", "num_stages"),
+            ("t", "tile_n"))
+    name = "_".join(f"{k}{t[key]}" for k, key in keys if key in t)
     if "max_parts_per_seq" in t:
         name = ((name + "_" if name else "") + f"p{t['max_parts_per_seq']}_m{t['min_tokens_per_part']}"
                 f"_r{t['part_vs_mean']}")
@@ -170,7 +182,26 @@ def main(argv=None) -> None:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma list of {', '.join(SECTIONS)} (default: all)")
+    ap.add_argument("--compile-report", action="store_true",
+                    help="no GPU: compile the default and every swept tuning for sm_90a and report registers, "
+                         "shared memory, pipelining depth and programs a multiprocessor (not under TRITON_INTERPRET)")
+    ap.add_argument("--out", default=None, help="directory of the --compile-report JSON (default: a temp dir)")
     args = ap.parse_args(argv)
+    if args.compile_report:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            sys.exit("--compile-report compiles for a GPU: unset TRITON_INTERPRET")
+        from bench.compile_report import decode_compile_report
+
+        variants = {"default": {}, **{tuning_name(t): t for t in TUNINGS + PARTS + KV_GROUPS + PREFETCHES}}
+        rows = decode_compile_report(variants, ENGINE)
+        path = Path(args.out or tempfile.mkdtemp(prefix="bench_decode_skew_")) / "decode_compile_report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = {"triton": triton.__version__, "target": "sm_90a (compiled on a CPU, not run)",
+                  "date": datetime.date.today().isoformat(), "shape": {k: str(v) for k, v in vars(ENGINE).items()},
+                  "variants": rows}
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     sections = set(args.sections.split(","))
     if not sections <= set(SECTIONS):
         ap.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}; expected some of {SECTIONS}")
@@ -195,7 +226,7 @@ def main(argv=None) -> None:
         rows["auto_host_mean"] = variant(c, ref, sh, plan=host_mean_plan(c))
         for n in SPLITS:
             rows[f"splits_{n}"] = variant(c, ref, sh, num_splits=n)
-        for t in TUNINGS + PARTS + KV_GROUPS:
+        for t in TUNINGS + PARTS + KV_GROUPS + PREFETCHES:
             rows[tuning_name(t)] = variant(c, ref, sh, tuning=t)
         res["engine"] = rows
     # the same batch with its sequences sorted by length: longest first puts the long programs in the first
@@ -214,14 +245,20 @@ def main(argv=None) -> None:
         ref_s = reference(cs)
         res["small"] = {"auto": variant(cs, ref_s, sh), "splits_1": variant(cs, ref_s, sh, num_splits=1),
                         "splits_4": variant(cs, ref_s, sh, num_splits=4),
-                        "auto_per_seq": variant(cs, ref_s, sh, tuning=dict(small_batch_per_seq=True))}
+                        "auto_per_seq": variant(cs, ref_s, sh, tuning=dict(small_batch_per_seq=True)),
+                        "pf0": variant(cs, ref_s, sh, tuning=dict(prefetch=0)),
+                        "pf3": variant(cs, ref_s, sh, tuning=dict(prefetch=3)),
+                        "pf4_s3": variant(cs, ref_s, sh, tuning=dict(prefetch=4, num_stages=3))}
     if "engine512" in sections:  # the engine's default batch since 2026-11-27 #7: 512 sequences
         torch.manual_seed(2)
         c5 = skewed_case(SimpleNamespace(**{**vars(e), "seqs": 512 if not args.dry_run else 12}))
         ref_5 = reference(c5)
         res["engine512"] = {"auto": variant(c5, ref_5, sh), "auto_host_mean": variant(c5, ref_5, sh,
                                                                                        plan=host_mean_plan(c5)),
-                            "splits_1": variant(c5, ref_5, sh, num_splits=1)}
+                            "splits_1": variant(c5, ref_5, sh, num_splits=1),
+                            "pf0": variant(c5, ref_5, sh, tuning=dict(prefetch=0)),
+                            "pf3": variant(c5, ref_5, sh, tuning=dict(prefetch=3)),
+                            "pf4_s3": variant(c5, ref_5, sh, tuning=dict(prefetch=4, num_stages=3))}
     if "long" in sections:  # the ops benchmark's long contexts of one and four sequences (few pairs)
         res["long"] = {}
         for seqs, seq_len in ((1, 32768), (4, 32768)) if not args.dry_run else ((1, 256),):
@@ -231,17 +268,19 @@ def main(argv=None) -> None:
             for per_seq in (False, True):
                 res["long"][f"{seqs}x{seq_len}_per_seq_{int(per_seq)}"] = variant(
                     lc, ref_l, sh, tuning=dict(small_batch_per_seq=per_seq))
+            res["long"][f"{seqs}x{seq_len}_pf0"] = variant(lc, ref_l, sh, tuning=dict(prefetch=0))
     if "main" in sections and not args.dry_run:  # the main shape (1 GiB of K/V) only on the GPU
         m = make_case(FULL.seqs, FULL.seq_len, FULL.block, "HND", FULL)
         m.max_len = FULL.seq_len
         ref_m = reference(m)
         res["main"] = {"auto": variant(m, ref_m, sh), "splits_8": variant(m, ref_m, sh, num_splits=8),
-                       "p1_m256": variant(m, ref_m, sh, tuning=PARTS[0])}  # per-sequence splits off
+                       "p1_m256": variant(m, ref_m, sh, tuning=PARTS[0]),  # per-sequence splits off
+                       "pf0": variant(m, ref_m, sh, tuning=dict(prefetch=0))}  # the load order up to v11
         # the engine batch's three fastest tunings, on the main shape too (a default must not lose there)
         timed = sorted((r["ms"], name) for name, r in rows.items() if name[0] in "wpk" and "ms" in r)
         for _, name in timed[:3]:
-            res["main"][name] = variant(m, ref_m, sh, tuning=next(t for t in TUNINGS + PARTS + KV_GROUPS
-                                                                  if tuning_name(t) == name))
+            res["main"][name] = variant(m, ref_m, sh, tuning=next(
+                t for t in TUNINGS + PARTS + KV_GROUPS + PREFETCHES if tuning_name(t) == name))
     out_dir = Path(tempfile.mkdtemp()) if args.dry_run else ROOT / "bench" / "results" / card_slug(card)
     out_dir.mkdir(parents=True, exist_ok=True)
     # a run of some sections only does not overwrite the full run's file

@@ -176,7 +176,7 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
         # the first model's engine also times the requests the transformers CB stages run, alone
         st("engine_sharegpt", "engine", sg, 120, 50 if big else 40, **({"first_n": n_cb} if first else {}))
         if first:
-            # the full batch is 256 sequences (the engine's default max_num_seqs is 512): 64 decode steps
+            # the full batch is 256 sequences (the engine's default max_num_seqs is 1024): 64 decode steps
             st("engine_profile", "engine_profile", sg, 100, 40, num_steps=16, num_seqs=256)
         # its 256 requests take ~110 s on an H100: the slot ends it partial (a rate over the tokens made)
         st("hf_cb_graphs", "hf_cb", wl.subset(sg, n_cb if first else max(n_cb // 2, 1)), 60 if first else 70,
@@ -208,10 +208,13 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
             for k in (1, 2, 8):
                 st(f"engine_sharegpt_steps{k}", "engine", sg, 120, 40, prio=1, optional=True,
                    engine_overrides=dict(num_scheduler_steps=k))
-            # other sequence counts a step than the default 512 (256: the default until 2026-11-27): on request
-            for n in (256, 1024):
+            # other sequence counts a step than the default 1024 (256, then 512: the defaults until 2026-11-27)
+            for n in (256, 512):
                 st(f"engine_sharegpt_seqs{n}", "engine", sg, 120, 40, prio=1, optional=True,
                    engine_overrides=dict(max_num_seqs=n, max_num_batched_tokens=max(8192, n)))
+            # a larger step token budget (vLLM's LLM default on >= 70 GB cards; the engine's is 8192): on request
+            st("engine_sharegpt_tokens16k", "engine", sg, 120, 40, prio=1, optional=True,
+               engine_overrides=dict(max_num_batched_tokens=16384))
             st("engine_profile_steps1", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
                engine_overrides=dict(num_scheduler_steps=1))
             # sibling projections not fused (EngineConfig.fuse_projections=False; fused by default): on request

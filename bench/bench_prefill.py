@@ -216,9 +216,9 @@ def main(argv=None):
     if args.compile_report:
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             sys.exit("--compile-report compiles for a GPU: unset TRITON_INTERPRET")
-        from bench.prefill_compile_report import compile_report
+        from bench.compile_report import prefill_compile_report
 
-        rows = compile_report({name: PREFILL_VARIANTS[name] for name in variants}, PFULL)
+        rows = prefill_compile_report({name: PREFILL_VARIANTS[name] for name in variants}, PFULL)
         path = Path(args.out or tempfile.mkdtemp(prefix="bench_prefill_")) / "prefill_compile_report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         report = {"triton": triton.__version__, "target": "sm_90a", "variants": rows}

@@ -45,9 +45,12 @@ class EngineConfig:
         swap_space_gib: CPU memory for swapped-out blocks (``num_cpu_blocks = swap bytes /
             bytes per block``); ``num_cpu_blocks`` overrides it.
         num_cpu_blocks: blocks of the CPU swap pool, or ``None`` to derive from ``swap_space_gib``.
-        max_num_seqs: most sequences in one step's batch (512: the decode step's products read
-            the weights once for twice the rows of 256; an H100 made 55.9k instead of 45.1k output
-            tokens/s of the 1.1B shape on 1,000 ShareGPT-like requests, same run: bench/NOTES.md).
+        max_num_seqs: most sequences in one step's batch (1024, as vLLM's ``LLM`` default on
+            cards of 70 GB or more; lower it on smaller cards): the products read the weights once
+            for more rows, and a batch of queued requests starts at once instead of behind the
+            longest; 1,000 ShareGPT-like requests of the 1.1B shape on an H100, same run: 53.2k
+            output tokens/s against 50.3k with 512 (and 45.1k with 256 in an earlier run):
+            bench/NOTES.md "Engine v13", "Engine v14".
         max_num_batched_tokens: most tokens (prefill + decode) computed in one step (8192: a
             prompt step runs eagerly, so fewer, larger prefill steps cost less host time; an H100
             spent ~35 ms on each 2,048-token step of the 1.1B shape, mostly launching kernels).
@@ -113,7 +116,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     swap_space_gib: float = 4.0
     num_cpu_blocks: int | None = None
-    max_num_seqs: int = 512
+    max_num_seqs: int = 1024
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     enable_chunked_prefill: bool = True

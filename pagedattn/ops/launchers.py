@@ -28,6 +28,12 @@ DECODE_TUNING = {
     "num_stages": 2,
     "tile_n": None,               # None: chosen from head size and dtype
     "kv_heads_per_program": 1,    # a power of two: one program reads this many KV heads of a sequence
+    # when a tile's K/V loads are issued: 0 V after the scores, 1 V with K, 2 the next tile's K and V before
+    # this tile's products, 3 as 2 with the block table read one more tile ahead, 4 the block table one tile
+    # ahead and K/V left to the compiler's pipeliner (with num_stages 3 it keeps a tile's copies in flight
+    # across the previous tile's products; bench/NOTES.md "Decode v11"). 4 by default since run A of
+    # 2026-11-27 #8 (H100, 2 stages): engine batch 30.1 against 0's 32.9 us, the main shape 362.8 against 366.2
+    "prefetch": 4,
     # full batches: a sequence's context is cut into parts of at least min_tokens_per_part tokens and
     # part_vs_mean x the batch's mean length, at most max_parts_per_seq of them (1: no split)
     "min_tokens_per_part": 256,
@@ -175,7 +181,7 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
         SPLIT=num_splits > 1,
         PER_SEQ=per_seq, LENS_BLOCK=lens_block,
         USE_SOFTCAP=softcap > 0, USE_ALIBI=alibi_slopes is not None, USE_WINDOW=sliding_window > 0,
-        WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query),
+        WRITE_LSE=lse is not None, DOT_F32=dot_in_float32(query), PREFETCH=int(DECODE_TUNING["prefetch"]),
         **extra,
     )
     if num_splits > 1:

@@ -26,17 +26,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from pagedattn.ops.triton_decode_tile import (_accumulate, _load_rows, _online_softmax, _tile_block_ids,
+                                              _tile_rows, _tile_scores)
 
 
 @triton.jit
-def _tanh(x):
-    # tanh through exp, safe at both ends: exp overflowing to inf gives 1, underflowing gives -1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _context_parts(seq_lens_ptr, seq, num_seqs, capacity, sliding_window, tokens_per_split, part_vs_mean,
+def _context_parts(seq_lens_ptr, seq, split, num_seqs, capacity, sliding_window, tokens_per_split, part_vs_mean,
                    num_splits, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, PER_SEQ: tl.constexpr,
                    LENS_BLOCK: tl.constexpr):
     """``(seq_len, window_start, lo, num_parts)`` of one sequence: its length clamped to the table's
@@ -46,7 +41,12 @@ def _context_parts(seq_lens_ptr, seq, num_seqs, capacity, sliding_window, tokens
     ``LENS_BLOCK > 1`` (the mean rule, read in blocks of that many lengths) also of at least
     ``part_vs_mean`` x the batch's mean length: only the batch's long tail is cut (a batch of equal
     lengths is not, so a bandwidth-bound batch keeps one program a sequence). The decode kernel and the
-    merge both call this, so they agree on the count."""
+    merge both call this, so they agree on the count.
+
+    The mean rule can only lower the count below ``tokens_per_split``'s, so the batch's lengths are read
+    only where that bound exceeds both 1 and ``split`` (the calling program's part; the merge passes 0):
+    the count is exact, except that a program whose part is past the bound gets the bound (it is empty
+    either way)."""
     seq_len = tl.load(seq_lens_ptr + seq)
     seq_len = tl.minimum(tl.maximum(seq_len, 0), capacity)
     window_start = seq_len * 0
@@ -54,15 +54,16 @@ def _context_parts(seq_lens_ptr, seq, num_seqs, capacity, sliding_window, tokens
         window_start = tl.maximum(seq_len - sliding_window, 0)
     lo = (window_start // TILE_N) * TILE_N
     if PER_SEQ:
-        min_part = tokens_per_split
+        num_parts = tl.minimum(tl.maximum(tl.cdiv(seq_len - lo, tokens_per_split), 1), num_splits).to(tl.int32)
         if LENS_BLOCK > 1:  # the mean rule (part_vs_mean > 0)
-            total = tl.zeros([LENS_BLOCK], dtype=tl.int64)
-            for i in range(0, num_seqs, LENS_BLOCK):
-                offs = i + tl.arange(0, LENS_BLOCK)
-                lens = tl.load(seq_lens_ptr + offs, mask=offs < num_seqs, other=0)
-                total += tl.minimum(tl.maximum(lens, 0), capacity).to(tl.int64)
-            min_part = tl.maximum(tl.sum(total, 0) * part_vs_mean // num_seqs, tokens_per_split)
-        num_parts = tl.minimum(tl.maximum(tl.cdiv(seq_len - lo, min_part), 1), num_splits).to(tl.int32)
+            if num_parts > tl.maximum(split, 1):
+                total = tl.zeros([LENS_BLOCK], dtype=tl.int64)
+                for i in range(0, num_seqs, LENS_BLOCK):
+                    offs = i + tl.arange(0, LENS_BLOCK)
+                    lens = tl.load(seq_lens_ptr + offs, mask=offs < num_seqs, other=0)
+                    total += tl.minimum(tl.maximum(lens, 0), capacity).to(tl.int64)
+                min_part = tl.maximum(tl.sum(total, 0) * part_vs_mean // num_seqs, tokens_per_split)
+                num_parts = tl.minimum(tl.maximum(tl.cdiv(seq_len - lo, min_part), 1), num_splits).to(tl.int32)
     else:
         num_parts = seq_len * 0 + num_splits
     return seq_len, window_start, lo, num_parts
@@ -86,7 +87,7 @@ def paged_decode_kernel(
     HEAD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
     KV_HEADS: tl.constexpr, SPLIT: tl.constexpr, PER_SEQ: tl.constexpr, LENS_BLOCK: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
-    WRITE_LSE: tl.constexpr, DOT_F32: tl.constexpr,
+    WRITE_LSE: tl.constexpr, DOT_F32: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_first = tl.program_id(1) * KV_HEADS  # the program's first KV head
@@ -94,9 +95,8 @@ def paged_decode_kernel(
     num_splits = tl.num_programs(2)
 
     seq_len, window_start, lo, num_parts = _context_parts(
-        seq_lens_ptr, seq, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
+        seq_lens_ptr, seq, split, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
         tokens_per_split, part_vs_mean, num_splits, TILE_N, USE_WINDOW, PER_SEQ, LENS_BLOCK)
-    block_size = 1 << log2_block_size
 
     if PER_SEQ:
         if split >= num_parts:
@@ -123,6 +123,8 @@ def paged_decode_kernel(
     if KV_HEADS == 1:
         m_mask = offs_m < group_size
         col_tok = offs_n
+        col_kv = offs_n * 0 + kv_first  # unused: one KV head
+        own_head = m_mask[:, None]      # unused: every row scores every column
         k_head = k_cache_ptr + kv_first * stride_kh
         v_head = v_cache_ptr + kv_first * stride_vh
     else:
@@ -138,56 +140,76 @@ def paged_decode_kernel(
 
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_ALIBI:
-        slopes = tl.load(alibi_slopes_ptr + heads, mask=m_mask, other=0.0)
+        slopes = tl.load(alibi_slopes_ptr + heads, mask=m_mask, other=0.0).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bts
 
-    for tile_start in range(start, end, TILE_N):
-        offs_t = tile_start + col_tok
-        in_seq = offs_t < end
-        block_ids = tl.load(bt_row + (offs_t >> log2_block_size) * stride_btb, mask=in_seq, other=-1)
-        valid = in_seq & (block_ids >= 0) & (block_ids < num_blocks)
-        if USE_WINDOW:
-            valid = valid & (offs_t >= window_start)
-        if KV_HEADS > 1:
-            valid = valid & (col_kv < num_kv_heads)
-        block_ids = tl.where(valid, block_ids, 0).to(tl.int64)
-        in_block = offs_t & (block_size - 1)
-        kv_mask = valid[:, None] & d_mask[None, :]
-
-        k = tl.load(k_head + block_ids[:, None] * stride_kb + in_block[:, None] * stride_kt
-                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        if USE_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        if USE_ALIBI:
-            s = s + slopes[:, None] * (offs_t - seq_len + 1).to(tl.float32)[None, :]
-        if KV_HEADS == 1:
-            s = tl.where(valid[None, :], s, float("-inf"))
-        else:
-            s = tl.where(valid[None, :] & own_head, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
-        p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        v = tl.load(v_head + block_ids[:, None] * stride_vb + in_block[:, None] * stride_vt
-                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if PREFETCH == 2 or PREFETCH == 3:
+        # the next tile's K and V are loaded before this tile's products, so their latency hides behind them;
+        # PREFETCH 3 also reads the block table one more tile ahead (no wait on it before the next loads)
+        block_ids = _tile_block_ids(bt_row, stride_btb, start, end, col_tok, log2_block_size)
+        offs_t, valid, block_ids, in_block = _tile_rows(block_ids, start, end, window_start, col_tok, col_kv,
+                                                        num_kv_heads, num_blocks, log2_block_size, KV_HEADS,
+                                                        USE_WINDOW)
+        k = _load_rows(k_head, block_ids, in_block, stride_kb, stride_kt, stride_kd, offs_d, valid, d_mask)
+        v = _load_rows(v_head, block_ids, in_block, stride_vb, stride_vt, stride_vd, offs_d, valid, d_mask)
+        ahead_ids = _tile_block_ids(bt_row, stride_btb, start + TILE_N, end, col_tok, log2_block_size)
+        for tile_start in range(start, end, TILE_N):
+            # past the end every column is masked: nothing is read
+            if PREFETCH == 3:
+                next_ids = ahead_ids
+                ahead_ids = _tile_block_ids(bt_row, stride_btb, tile_start + 2 * TILE_N, end, col_tok,
+                                            log2_block_size)
+            else:
+                next_ids = _tile_block_ids(bt_row, stride_btb, tile_start + TILE_N, end, col_tok, log2_block_size)
+            next_t, next_valid, block_ids, in_block = _tile_rows(
+                next_ids, tile_start + TILE_N, end, window_start, col_tok, col_kv, num_kv_heads, num_blocks,
+                log2_block_size, KV_HEADS, USE_WINDOW)
+            next_k = _load_rows(k_head, block_ids, in_block, stride_kb, stride_kt, stride_kd, offs_d, next_valid,
+                                d_mask)
+            next_v = _load_rows(v_head, block_ids, in_block, stride_vb, stride_vt, stride_vd, offs_d, next_valid,
+                                d_mask)
+            s = _tile_scores(q, k, offs_t, valid, own_head, slopes, scale, softcap, seq_len,
+                             KV_HEADS, USE_SOFTCAP, USE_ALIBI, DOT_F32)
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+            acc = _accumulate(acc, p, alpha, v, DOT_F32)
+            offs_t, valid, k, v = next_t, next_valid, next_k, next_v
+    elif PREFETCH == 4:
+        # the block table read one tile ahead (carried), K/V loaded in the loop: the compiler's pipeliner can
+        # then issue a tile's K/V copies a stage early without waiting on its block ids
+        ahead_ids = _tile_block_ids(bt_row, stride_btb, start, end, col_tok, log2_block_size)
+        for tile_start in range(start, end, TILE_N):
+            block_ids = ahead_ids
+            ahead_ids = _tile_block_ids(bt_row, stride_btb, tile_start + TILE_N, end, col_tok, log2_block_size)
+            offs_t, valid, block_ids, in_block = _tile_rows(block_ids, tile_start, end, window_start, col_tok, col_kv,
+                                                            num_kv_heads, num_blocks, log2_block_size, KV_HEADS,
+                                                            USE_WINDOW)
+            k = _load_rows(k_head, block_ids, in_block, stride_kb, stride_kt, stride_kd, offs_d, valid, d_mask)
+            v = _load_rows(v_head, block_ids, in_block, stride_vb, stride_vt, stride_vd, offs_d, valid, d_mask)
+            s = _tile_scores(q, k, offs_t, valid, own_head, slopes, scale, softcap, seq_len,
+                             KV_HEADS, USE_SOFTCAP, USE_ALIBI, DOT_F32)
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+            acc = _accumulate(acc, p, alpha, v, DOT_F32)
+    else:
+        for tile_start in range(start, end, TILE_N):
+            block_ids = _tile_block_ids(bt_row, stride_btb, tile_start, end, col_tok, log2_block_size)
+            offs_t, valid, block_ids, in_block = _tile_rows(block_ids, tile_start, end, window_start, col_tok, col_kv,
+                                                            num_kv_heads, num_blocks, log2_block_size, KV_HEADS,
+                                                            USE_WINDOW)
+            k = _load_rows(k_head, block_ids, in_block, stride_kb, stride_kt, stride_kd, offs_d, valid, d_mask)
+            if PREFETCH == 1:  # V issued with K: one wait for both
+                v = _load_rows(v_head, block_ids, in_block, stride_vb, stride_vt, stride_vd, offs_d, valid, d_mask)
+            s = _tile_scores(q, k, offs_t, valid, own_head, slopes, scale, softcap, seq_len,
+                             KV_HEADS, USE_SOFTCAP, USE_ALIBI, DOT_F32)
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+            if PREFETCH == 0:  # V issued after the scores (the order measured up to 2026-11-27)
+                v = _load_rows(v_head, block_ids, in_block, stride_vb, stride_vt, stride_vd, offs_d, valid, d_mask)
+            acc = _accumulate(acc, p, alpha, v, DOT_F32)
 
     has_any = l_i > 0
     o = acc / tl.where(has_any, l_i, 1.0)[:, None]
@@ -225,7 +247,7 @@ def merge_splits_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq_len, window_start, lo, num_parts = _context_parts(
-        seq_lens_ptr, seq, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
+        seq_lens_ptr, seq, 0, tl.num_programs(0), max_blocks_per_seq << log2_block_size, sliding_window,
         tokens_per_split, part_vs_mean, num_splits, TILE_N, USE_WINDOW, PER_SEQ, LENS_BLOCK)
     if PER_SEQ:
         if num_parts <= 1:

@@ -32,7 +32,7 @@ def test_engine_config_errors_name_the_field(kwargs, exc, field):
 
 def test_engine_config_defaults_and_overrides():
     cfg = EngineConfig()
-    assert (cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens) == (16, 512, 8192)
+    assert (cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens) == (16, 1024, 8192)
     assert cfg.enable_chunked_prefill and cfg.enable_prefix_caching
     assert cfg.preemption_mode == "recompute" and cfg.num_gpu_blocks is None
     cfg2 = EngineConfig.from_kwargs(cfg, block_size=8)

@@ -42,16 +42,21 @@ def run_ops(dtype, head, block_size, layout) -> None:
     out, lse = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40), return_lse=True,
                                           alibi_slopes=slopes, sliding_window=7 * block_size + 3, softcap=3.0)
     assert torch.isfinite(out).all()
-    # both KV heads in one program (opt-in tuning)
+    # other tunings: both KV heads in one program; the loads in the order up to 2026-11-27 (prefetch 0); the next
+    # tiles' loads issued early (reads past the last tile must be masked)
     saved = dict(launchers.DECODE_TUNING)
     try:
-        launchers.DECODE_TUNING["kv_heads_per_program"] = 2
-        for num_splits in (0, 3):
-            out = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40),
-                                             num_splits=num_splits, alibi_slopes=slopes,
-                                             sliding_window=7 * block_size + 3, softcap=3.0)
-            assert torch.isfinite(out).all()
+        for tuning in (dict(kv_heads_per_program=2), dict(prefetch=0), dict(prefetch=3),
+                       dict(prefetch=4, num_stages=3), dict(prefetch=2, kv_heads_per_program=2)):
+            launchers.DECODE_TUNING.update(saved)
+            launchers.DECODE_TUNING.update(tuning)
+            for num_splits in (0, 3):
+                out = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40),
+                                                 num_splits=num_splits, alibi_slopes=slopes,
+                                                 sliding_window=7 * block_size + 3, softcap=3.0)
+                assert torch.isfinite(out).all()
     finally:
+        launchers.DECODE_TUNING.clear()
         launchers.DECODE_TUNING.update(saved)
     cu = torch.tensor([0, 3, 2, 10**6, 7], dtype=torch.int32, device="cuda")  # garbage, clamped
     for hint in (0, 1):

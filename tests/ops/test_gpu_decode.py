@@ -172,6 +172,26 @@ def test_decode_full_batch_per_sequence_splits(case):
     run_decode_and_check(p, dtype, what=f"full batch {case}", **feats)
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
+@pytest.mark.parametrize("case", FULL_BATCH_CASES + [(torch.bfloat16, (32, 8), 128, 16, {"long": True})],
+                         ids=lambda c: f"{str(c[0])[6:]}-h{c[1][0]}kv{c[1][1]}-d{c[2]}")
+def test_decode_load_orders(case, prefetch, monkeypatch):
+    """The orders of a tile's K/V loads other than the default 4 (``DECODE_TUNING["prefetch"]``, Triton; the CUDA
+    backend ignores it) on skewed full batches (per-sequence parts) and on two long contexts (uniform splits)."""
+    from pagedattn.ops import launchers
+
+    monkeypatch.setitem(launchers.DECODE_TUNING, "prefetch", prefetch)
+    dtype, (heads, kv_heads), head, block, feats = case
+    feats = dict(feats)
+    g = torch.Generator().manual_seed(zlib.crc32(str(case).encode()) + prefetch)
+    lens = ([20000, 7777] if feats.pop("long", False) else
+            torch.cat([torch.tensor([0, 1, 63, 64, 65, 1500]), (torch.rand(150, generator=g) ** 3 * 1500).long() + 1]
+                      ).tolist())
+    p = make_decode_problem(lens, heads, kv_heads, head, block, dtype, "cuda", layout=feats.pop("layout", "HND"),
+                            alibi=feats.pop("alibi", False), generator=g)
+    run_decode_and_check(p, dtype, what=f"{case} prefetch {prefetch}", **feats)
+
+
 @pytest.mark.parametrize("kv_heads_per_program", [2, 4])
 @pytest.mark.parametrize("case", FULL_BATCH_CASES[:2] + [(torch.float16, (12, 3), 128, 16, {"num_splits": 3})],
                          ids=lambda c: f"{str(c[0])[6:]}-h{c[1][0]}kv{c[1][1]}-d{c[2]}")

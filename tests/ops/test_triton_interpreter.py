@@ -43,12 +43,28 @@ def test_decode_kernel_matches_reference(case):
     run_decode_and_check(problem, dtype, what=str(case), **feats)
 
 
-@pytest.mark.parametrize("per_seq", [False, True], ids=["one-program", "per-sequence-splits"])
-def test_decode_kernel_masks_bad_values(per_seq, monkeypatch):
-    """Block ids outside the pool are skipped and lengths clamped, exactly as the reference does, with one
-    program a sequence and with per-sequence splits (forced: parts of >= 16 tokens, the clamped one split too)."""
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-b{c[4]}")
+def test_decode_kernel_load_orders_match_reference(case, prefetch, monkeypatch):
+    """The orders of a tile's loads other than the default (``DECODE_TUNING["prefetch"]`` 4: the block table
+    read one tile ahead for the compiler's pipeliner): V issued after the scores (the order up to 2026-11-27), V
+    issued with K, the next tile's K and V issued before this tile's products, and with the block table read two
+    tiles ahead (the reads past the last tile read nothing: every column masked)."""
     from pagedattn.ops import launchers
 
+    monkeypatch.setitem(launchers.DECODE_TUNING, "prefetch", prefetch)
+    test_decode_kernel_matches_reference(case)
+
+
+@pytest.mark.parametrize("prefetch", [0, 3, 4])
+@pytest.mark.parametrize("per_seq", [False, True], ids=["one-program", "per-sequence-splits"])
+def test_decode_kernel_masks_bad_values(per_seq, prefetch, monkeypatch):
+    """Block ids outside the pool are skipped and lengths clamped, exactly as the reference does, with one
+    program a sequence and with per-sequence splits (forced: parts of >= 16 tokens, the clamped one split too),
+    with a tile's loads in their default order and with the next tile's prefetched."""
+    from pagedattn.ops import launchers
+
+    monkeypatch.setitem(launchers.DECODE_TUNING, "prefetch", prefetch)
     if per_seq:
         monkeypatch.setattr(launchers, "plan_decode_splits", lambda *a: launchers.SplitPlan(3, True, 16, 0))
     g = torch.Generator().manual_seed(5)
@@ -58,7 +74,7 @@ def test_decode_kernel_masks_bad_values(per_seq, monkeypatch):
     p.block_tables[0, 3 if per_seq else 1] = 10_000
     p.block_tables[1 + per_seq, 0] = -3
     p.seq_lens[2 - per_seq] = 1_000_000  # clamped to the table's capacity
-    run_decode_and_check(p, torch.float32, what=f"bad values, per_seq={per_seq}")
+    run_decode_and_check(p, torch.float32, what=f"bad values, per_seq={per_seq}, prefetch={prefetch}")
 
 
 def test_reshape_and_cache_kernel_matches_reference():
@@ -99,9 +115,9 @@ PER_SEQ_CASES = [
 ]
 
 
-@pytest.mark.parametrize("part_vs_mean", [0, 2])
+@pytest.mark.parametrize("part_vs_mean, prefetch", [(0, 0), (2, 0), (2, 3), (2, 4)])
 @pytest.mark.parametrize("case", PER_SEQ_CASES, ids=lambda c: f"{str(c[0])[6:]}-h{c[1]}-kv{c[2]}-d{c[3]}-b{c[4]}")
-def test_decode_per_sequence_splits_match_reference(case, part_vs_mean, monkeypatch):
+def test_decode_per_sequence_splits_match_reference(case, part_vs_mean, prefetch, monkeypatch):
     """The full-batch rule (each sequence cut by its own length; the CPU never picks it) forced on: short
     sequences write their output directly, long ones are merged, windows start their parts at the window;
     parts of >= 16 tokens (part_vs_mean 0) or of >= twice the batch's mean length (only the long tail cut)."""
@@ -111,6 +127,7 @@ def test_decode_per_sequence_splits_match_reference(case, part_vs_mean, monkeypa
     feats = dict(feats)
     monkeypatch.setitem(launchers.DECODE_TUNING, "min_tokens_per_part", 16)
     monkeypatch.setitem(launchers.DECODE_TUNING, "max_parts_per_seq", 4)
+    monkeypatch.setitem(launchers.DECODE_TUNING, "prefetch", prefetch)
     monkeypatch.setattr(launchers, "plan_decode_splits", lambda num_seqs, num_kv_heads, max_len, device: (
         launchers.SplitPlan(launchers.parts_per_seq_for(max_len), True, 16, part_vs_mean)))
     g = torch.Generator().manual_seed(7 + head_size + block_size)
@@ -126,6 +143,7 @@ KV_GROUPED_CASES = [
     (torch.bfloat16, 8, 2, 128, 16, [129, 2], {"num_splits": 3}),
     (torch.float16, 4, 4, 80, 2, [31, 9], {"return_lse": False, "layout": "NHD"}),
     (torch.float32, 4, 2, 64, 4, [60, 9, 200], {"per_seq": True}),
+    (torch.float32, 8, 4, 64, 8, [90, 3], {"prefetch": 3, "sliding_window": 50}),
 ]
 
 
@@ -139,6 +157,7 @@ def test_decode_several_kv_heads_per_program(case, kv_heads_per_program, monkeyp
     dtype, heads, kv_heads, head_size, block_size, lens, feats = case
     feats = dict(feats)
     monkeypatch.setitem(launchers.DECODE_TUNING, "kv_heads_per_program", kv_heads_per_program)
+    monkeypatch.setitem(launchers.DECODE_TUNING, "prefetch", feats.pop("prefetch", 0))
     if feats.pop("per_seq", False):
         monkeypatch.setattr(launchers, "plan_decode_splits", lambda *a: launchers.SplitPlan(4, True, 16, 0))
     g = torch.Generator().manual_seed(3 + heads + head_size + block_size)
