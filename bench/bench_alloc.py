@@ -212,11 +212,11 @@ def _hash_only_as_allocated(work: PromptWorkload) -> None:
     key hashed with a copy of an empty BLAKE2b state): the floor of ``alloc_prompt_ms``."""
     from pagedattn.alloc.hashing import split_token_blocks
 
-    new_hasher = hashlib.blake2b().copy
+    empty = hashlib.blake2b()
     for prompt in work.rounds[0]:
         parent = bytes(64)
         for chunk in split_token_blocks(prompt, BLOCK_SIZE, len(prompt) // BLOCK_SIZE):
-            h = new_hasher()
+            h = empty.copy()
             h.update(parent + chunk)
             parent = h.digest()
 

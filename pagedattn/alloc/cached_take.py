@@ -12,7 +12,7 @@ from itertools import repeat
 from typing import Any
 
 from pagedattn.alloc.block import KVCacheBlock
-from pagedattn.alloc.hashing import _hash_fn, _new_blake2b
+from pagedattn.alloc.hashing import _EMPTY_BLAKE2B, _hash_fn
 
 __all__ = ["CachedTakeMixin"]
 
@@ -49,22 +49,21 @@ class CachedTakeMixin:
         self._check_take(num_blocks, num_full, "chunks")
         cached = self.cached_blocks
         # Copying an empty state is cheaper than calling the constructor.
-        new_hasher = _new_blake2b if hash_fn is _hash_fn else hash_fn().copy
+        empty = _EMPTY_BLAKE2B if hash_fn is _hash_fn else hash_fn()
         block = self.free_block_queue._head.next_free_block
         blocks: list[KVCacheBlock] = []
-        append = blocks.append
         setdefault = cached.setdefault
         # Evictions are counted from the map's size afterwards: each one deletes a key, each
         # registration inserts one (num_kept counts the keys found held by another block).
         size_before, num_kept = len(cached), 0
         for chunk in chunks:
             # Take the block (popleft_n and evict() inlined), hash its key and register it.
-            append(block)
+            blocks.append(block)
             old_key = block.block_key
             if old_key is not None:
                 del cached[old_key]
             key = parent_hash + chunk
-            h = new_hasher()
+            h = empty.copy()
             h.update(key)
             parent_hash = h.digest()
             if setdefault(key, block) is block:
@@ -111,7 +110,6 @@ class CachedTakeMixin:
         cached = self.cached_blocks
         block = self.free_block_queue._head.next_free_block
         blocks: list[KVCacheBlock] = []
-        append = blocks.append
         setdefault = cached.setdefault
         # Evictions are counted from the map's size afterwards: each one deletes a key, each
         # registration inserts one (num_kept counts the keys found held by another block).
@@ -119,7 +117,7 @@ class CachedTakeMixin:
         # get_new_cached_blocks' loop without the hashing. Not shared: calling hash_chain then this
         # from get_new_cached_blocks cost its allocate 7% more instructions (cachegrind).
         for key, block_hash in zip(block_keys, block_hashes):
-            append(block)
+            blocks.append(block)
             old_key = block.block_key
             if old_key is not None:
                 del cached[old_key]

@@ -233,3 +233,26 @@ def test_allocate_from_a_list_hashes_like_from_an_array():
     assert [(x.block_key, x.block_hash) for x in a.gpu_pool.blocks] == \
         [(x.block_key, x.block_hash) for x in b.gpu_pool.blocks]
     a.check_invariants()
+
+
+@pytest.mark.parametrize("prehashed", [False, True])
+def test_digests_from_copies_of_the_shared_empty_state_are_plain_blake2b(prehashed):
+    """allocate and hash_prompt_blocks hash each key with ``_EMPTY_BLAKE2B.copy()``: every registered
+    block's hash is ``hashlib.blake2b(key).digest()``, and the shared empty state is never updated
+    (it still gives BLAKE2b's digest of nothing after several prompts)."""
+    from pagedattn.alloc import hash_prompt_blocks
+    from pagedattn.alloc.hashing import _EMPTY_BLAKE2B
+
+    empty_digest = hashlib.blake2b().digest()
+    mgr = BlockManager(64, 4, watermark=0.0)
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        prompt = rng.integers(0, 1000, 4 * (i + 2) + i % 2).astype(np.int32)
+        hashes = hash_prompt_blocks(prompt, 4, extra_keys=("t", i)) if prehashed else None
+        mgr.allocate(i, prompt, extra_keys=("t", i), block_hashes=hashes)
+        assert _EMPTY_BLAKE2B.digest() == empty_digest
+    cached = mgr.gpu_pool.cached_blocks
+    assert len(cached) == 2 + 3 + 4 + 5
+    for key, block in cached.items():
+        assert block.block_hash == hashlib.blake2b(key).digest()
+    mgr.check_invariants()
