@@ -12,7 +12,7 @@ length), per-sequence split settings (most parts a sequence, fewest tokens a par
 program on the same batch, and
 auto, 8 uniform splits and no per-sequence splits on the ops benchmark's main shape (64 x 4096, 32 / 8 heads,
 head 128), with the engine batch's three fastest settings, and auto, 1 and 4 uniform splits on 16 sequences of
-the engine's distribution (the end of a throughput run), 512 sequences of it (the engine's default batch), the
+the engine's distribution (the end of a throughput run), 512 sequences of it (the engine's default batch in #7), the
 mean rule's threshold computed on the host instead of in every program (``auto_host_mean``: what a plan made
 once a step would save), the engine batch with its rows sorted by length
 (longest / shortest first), and the ops benchmark's long contexts (1 and 4 x 32K) with a small batch's
@@ -249,7 +249,7 @@ def main(argv=None) -> None:
                         "pf0": variant(cs, ref_s, sh, tuning=dict(prefetch=0)),
                         "pf3": variant(cs, ref_s, sh, tuning=dict(prefetch=3)),
                         "pf4_s3": variant(cs, ref_s, sh, tuning=dict(prefetch=4, num_stages=3))}
-    if "engine512" in sections:  # the engine's default batch since 2026-11-27 #7: 512 sequences
+    if "engine512" in sections:  # 512 sequences (the default batch of 2026-11-27 #7; 1024 since #8)
         torch.manual_seed(2)
         c5 = skewed_case(SimpleNamespace(**{**vars(e), "seqs": 512 if not args.dry_run else 12}))
         ref_5 = reference(c5)
