@@ -77,6 +77,9 @@ class EngineConfig:
             shape: 8-13% less GPU time a decode step, 1.04-1.11x the output tokens/s; the fused
             weight reuses the old parameters' memory, so the 8B shape peaks at 71.0 GiB reserved
             against 71.6 GiB unfused). ``False`` keeps the model's modules as loaded.
+        compile_prefill: with ``compile_decode``, also run prompt and mixed steps through the
+            compiled blocks (their elementwise work fused; one more trace at the first such step);
+            experimental, off: bench/NOTES.md "Engine v15".
         async_scheduling: schedule and launch step ``t + 1`` while the device still runs step
             ``t`` (its sampled ids feed step ``t + 1`` on the device; the host reads them after
             launching), so the host's work hides behind the device's. Steps with beam search or
@@ -129,6 +132,7 @@ class EngineConfig:
     enforce_eager: bool = False
     compile_decode: bool = True
     fuse_projections: bool = True
+    compile_prefill: bool = False
     async_scheduling: bool = True
     threaded_graph_launch: bool = False
     num_scheduler_steps: int = 4
@@ -149,7 +153,8 @@ class EngineConfig:
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_model_len", self.max_model_len, 1, allow_none=True)
         for name in ("enable_chunked_prefill", "enable_prefix_caching", "enforce_eager",
-                     "compile_decode", "fuse_projections", "async_scheduling", "threaded_graph_launch"):
+                     "compile_decode", "fuse_projections", "compile_prefill", "async_scheduling",
+                     "threaded_graph_launch"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.preemption_mode not in PREEMPTION_MODES:

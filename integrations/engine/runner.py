@@ -88,6 +88,8 @@ def maybe_capture_graphs(runner: Any, cfg: EngineConfig, max_model_len: int | No
     kwargs = {"num_steps": cfg.num_scheduler_steps} if cfg.num_scheduler_steps > 1 else {}
     if cfg.fuse_projections:
         kwargs["fuse_projections"] = True
+    if cfg.compile_prefill:
+        kwargs["compile_prefill"] = True
     graphs = runner.capture_decode_graphs(cfg.max_num_seqs, max_model_len, compile=cfg.compile_decode, **kwargs)
     log.info("decode CUDA graphs captured for %d batch sizes up to %d (%.1f MiB pool)",
              len(graphs.batch_sizes), graphs.max_batch, graphs.pool_bytes / 2**20)

@@ -97,6 +97,8 @@ class ModelRunner:
         self.kv_cache: Optional[PagedKVCache] = None
         self.decode_graphs: Optional[DecodeGraphs] = None
         self._compiled_layers = False
+        #: run prompt and mixed steps through the compiled blocks too (capture_decode_graphs(compile_prefill=...))
+        self._compiled_prefill = False
         #: groups of sibling projections replaced by one product (see capture_decode_graphs)
         self.num_fused_projections = 0
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -175,7 +177,8 @@ class ModelRunner:
         return lambda: logits
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int, compile: bool = False,
-                              num_steps: int = 1, fuse_projections: bool = False) -> DecodeGraphs:
+                              num_steps: int = 1, fuse_projections: bool = False,
+                              compile_prefill: bool = False) -> DecodeGraphs:
         """Capture the decode step in CUDA graphs for batches of up to ``max_num_seqs`` sequences of
         up to ``max_model_len`` tokens (CUDA only; the caches must be allocated).
 
@@ -189,6 +192,9 @@ class ModelRunner:
                 place, for every step
                 (:func:`~pagedattn.integrations.hf.fused_linear.fuse_sibling_linears`).
             num_steps: the most decode steps queued from one schedule (see :class:`DecodeGraphs`).
+            compile_prefill: with ``compile``, also run the steps the graphs do not serve (prompt and
+                mixed prefill + decode steps) through the compiled blocks (one more trace: the token count
+                is dynamic, the step's ``max_query_len`` hint dropped); else those run the blocks eagerly.
         """
         caches = self._cache().device_caches
         head = self.model.get_output_embeddings()
@@ -201,6 +207,7 @@ class ModelRunner:
                     torch.cuda.empty_cache()  # the replaced weights' blocks back to the driver
             compile_layers(decoder_layers(self.model, self.spec.num_layers))
             self._compiled_layers = True
+            self._compiled_prefill = compile_prefill
         # the caches are bound to the attention modules while capturing (one compiled trace serves
         # every block); the graphs keep their addresses, the runner keeps them alive
         graphs = DecodeGraphs(self._graph_forward, None, self.block_size, max_num_seqs, max_model_len, vocab,
@@ -214,11 +221,17 @@ class ModelRunner:
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0]
 
     def _forward(self, step: StepInput, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        compiled = self._compiled_prefill
+        # compiled blocks read their caches from the modules (one trace for every block) and no step-dependent
+        # integer (the max_query_len hint 0, "unknown": the launcher sizes tiles by the step's token count,
+        # which can only change speed)
         ctx = PagedForwardContext(
             slot_mapping=step.slot_mapping, block_tables=step.block_tables, seq_lens=step.seq_lens,
-            cu_seqlens_q=step.cu_seqlens_q, max_query_len=step.max_query_len, kv_caches=kv_caches)
+            cu_seqlens_q=step.cu_seqlens_q, max_query_len=0 if compiled else step.max_query_len,
+            kv_caches=None if compiled else kv_caches)
         kwargs = dict(input_ids=step.resolved_input_ids()[None], position_ids=step.positions[None], use_cache=False)
-        stance = eager_stance() if self._compiled_layers else contextlib.nullcontext()
+        stance = (bound_kv_caches(self.model, kv_caches) if compiled else
+                  eager_stance() if self._compiled_layers else contextlib.nullcontext())
         with torch.inference_mode(), forward_context(ctx), stance:
             if self._keeps_logits:
                 # The model applies its head (and any final logit scaling / soft-cap) to these rows only.

@@ -95,10 +95,13 @@ def test_decode_cuda_graphs_match_eager_and_hf(tmp_path, arch):
     _no_leak(graphed)
 
 
-def test_compiled_decode_graphs_match_hf(case):
-    """torch.compile of the forward inside the graphs: the same greedy tokens."""
+@pytest.mark.parametrize("compile_prefill", [False, True], ids=["eager-prompt-steps", "compiled-prompt-steps"])
+def test_compiled_decode_graphs_match_hf(case, compile_prefill):
+    """torch.compile of the forward inside the graphs (and, with compile_prefill, of the prompt and mixed steps
+    too): the same greedy tokens."""
     path, ps, refs = case
-    llm = LLM(path, num_gpu_blocks=256, max_num_seqs=8, max_num_batched_tokens=512, compile_decode=True)
+    llm = LLM(path, num_gpu_blocks=256, max_num_seqs=8, max_num_batched_tokens=512, compile_decode=True,
+              compile_prefill=compile_prefill)
     graphs = llm.engine.decode_graphs
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
     assert graphs is not None and graphs.num_replays >= 47

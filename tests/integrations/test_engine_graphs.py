@@ -233,3 +233,33 @@ def test_bound_kv_caches_attaches_and_detaches(llama4):
                               cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1, kv_caches=None)
     with torch.inference_mode(), forward_context(ctx), pytest.raises(RuntimeError, match="no caches are bound"):
         runner._graph_forward(torch.zeros((1, 1), dtype=torch.int64), torch.zeros((1, 1), dtype=torch.int64))
+
+
+def test_compiled_prompt_steps_match_eager_with_one_trace(llama4):
+    """compile_prefill: prompt and mixed steps through the compiled blocks (backend "eager" here) give the eager
+    logits, and steps of different token counts share one trace (caches bound, no step-dependent integer)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from pagedattn.integrations.hf import ModelRunner
+    from pagedattn.integrations.hf.cuda_graphs import compile_layers
+    from pagedattn.integrations.hf.step import make_step_input
+
+    runner = ModelRunner(llama4, num_gpu_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
+    caches = runner.kv_caches
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 512, (2, 6), generator=gen).tolist()
+    steps = [make_step_input([prompt[0][:5], prompt[1][:3]], [0, 0], [[0, 1], [2, 3]], 4),
+             make_step_input([prompt[0][5:6], prompt[1][3:6]], [5, 3], [[0, 1], [2, 3]], 4)]
+    want = [runner._forward(s, caches).clone() for s in steps]
+    dynamo.reset()
+    counters.clear()
+    try:
+        compile_layers(decoder_layers(runner.model, 4), backend="eager")
+        runner._compiled_layers = runner._compiled_prefill = True
+        got = [runner._forward(s, caches).clone() for s in steps]
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        dynamo.reset()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
