@@ -215,9 +215,10 @@ def plan(args, dev: str, model_dir: Path) -> list[dict]:
             # a larger step token budget (vLLM's LLM default on >= 70 GB cards; the engine's is 8192): on request
             st("engine_sharegpt_tokens16k", "engine", sg, 120, 40, prio=1, optional=True,
                engine_overrides=dict(max_num_batched_tokens=16384))
-            # prompt and mixed steps through the compiled blocks too (EngineConfig.compile_prefill): on request
-            st("engine_sharegpt_compile_prefill", "engine", sg, 120, 40, prio=1, optional=True,
-               engine_overrides=dict(compile_prefill=True))
+            # prompt and mixed steps through eager blocks (EngineConfig.compile_prefill=False; compiled by
+            # default since Engine v15): on request
+            st("engine_sharegpt_eager_prefill", "engine", sg, 120, 40, prio=1, optional=True,
+               engine_overrides=dict(compile_prefill=False))
             st("engine_profile_steps1", "engine_profile", sg, 90, 40, prio=1, num_steps=30, optional=True,
                engine_overrides=dict(num_scheduler_steps=1))
             # sibling projections not fused (EngineConfig.fuse_projections=False; fused by default): on request

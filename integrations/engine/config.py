@@ -51,9 +51,9 @@ class EngineConfig:
             longest; 1,000 ShareGPT-like requests of the 1.1B shape on an H100, same run: 53.2k
             output tokens/s against 50.3k with 512 (and 45.1k with 256 in an earlier run):
             bench/NOTES.md "Engine v13", "Engine v14".
-        max_num_batched_tokens: most tokens (prefill + decode) computed in one step (8192: a
-            prompt step runs eagerly, so fewer, larger prefill steps cost less host time; an H100
-            spent ~35 ms on each 2,048-token step of the 1.1B shape, mostly launching kernels).
+        max_num_batched_tokens: most tokens (prefill + decode) computed in one step (8192: fewer,
+            larger prefill steps cost less host time; an H100 spent ~35 ms on each 2,048-token step
+            of the 1.1B shape when those ran eagerly, mostly launching kernels).
         max_model_len: longest sequence (prompt + output); ``None`` = the model's
             ``max_position_embeddings`` (no limit if the model does not say).
         enable_chunked_prefill: split prompts longer than the step's token budget across steps.
@@ -71,15 +71,18 @@ class EngineConfig:
             (default; regional compilation: fuses the blocks' elementwise work, one trace for every
             block; ~12 s more start-up for the 1.1B shape on an H100 the first time (Inductor caches
             its kernels on disk for the next), decode steps ~35% shorter, 1.44x the output tokens/s
-            of a ShareGPT-like run; other steps run the blocks eagerly). Ignored when eager.
+            of a ShareGPT-like run; prompt and mixed steps too, see ``compile_prefill``). Ignored
+            when eager.
         fuse_projections: with ``compile_decode`` (default), also replace each block's sibling
             projections (q/k/v, gate/up) by one product each, in place, before compiling (H100, 1.1B
             shape: 8-13% less GPU time a decode step, 1.04-1.11x the output tokens/s; the fused
             weight reuses the old parameters' memory, so the 8B shape peaks at 71.0 GiB reserved
             against 71.6 GiB unfused). ``False`` keeps the model's modules as loaded.
-        compile_prefill: with ``compile_decode``, also run prompt and mixed steps through the
-            compiled blocks (their elementwise work fused; one more trace at the first such step);
-            experimental, off: bench/NOTES.md "Engine v15".
+        compile_prefill: with ``compile_decode`` (default), also run prompt and mixed steps through
+            the compiled blocks (one more trace, at the warm-up's first prompt step: the token count
+            is dynamic). H200, 1.1B shape, 1,000 ShareGPT-like requests: mixed steps 46.5 -> 30.2 ms,
+            1.18x the output tokens/s (bench/NOTES.md "Engine v15"). ``False`` runs those steps'
+            blocks eagerly.
         async_scheduling: schedule and launch step ``t + 1`` while the device still runs step
             ``t`` (its sampled ids feed step ``t + 1`` on the device; the host reads them after
             launching), so the host's work hides behind the device's. Steps with beam search or
@@ -100,7 +103,7 @@ class EngineConfig:
             once this many of the ``max_num_seqs`` sequence slots are free (or every waiting
             request fits in the free slots, or ``admit_max_delay_steps`` decode steps passed since
             the last admission), so that under a full queue prompts join in batches rather than
-            one mixed prefill step per finished sequence (a mixed step runs its blocks eagerly:
+            one mixed prefill step per finished sequence (a mixed step, then run eagerly, took
             ~25 ms on an H100 against ~3 ms a decode step; admitting at every free slot, 1,000
             ShareGPT-like requests spent 13 of 28 s in 528 mixed steps). Below saturation (free
             slots plenty) requests are admitted at once either way. ``None``: ``max_num_seqs // 8``
@@ -132,7 +135,7 @@ class EngineConfig:
     enforce_eager: bool = False
     compile_decode: bool = True
     fuse_projections: bool = True
-    compile_prefill: bool = False
+    compile_prefill: bool = True
     async_scheduling: bool = True
     threaded_graph_launch: bool = False
     num_scheduler_steps: int = 4
