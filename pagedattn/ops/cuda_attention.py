@@ -41,7 +41,7 @@ DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 #: ``target_waves`` waves, no split shorter than ``min_tokens_per_split`` tokens. ``kv_stages``: the K/V
 #: pipeline's stages (``kv_stages - 1`` tiles in flight while one is computed; fewer when the card's shared
 #: memory cannot hold them). bench/NOTES.md "CUDA decode v2".
-DECODE_TUNING = {"target_waves": 8, "min_tokens_per_split": 512, "split_below_waves": 1, "kv_stages": 2}
+DECODE_TUNING = {"target_waves": 8, "min_tokens_per_split": 512, "split_below_waves": 1, "kv_stages": 3}
 #: Static shared memory the decode kernel may need besides its K/V stages (queries, partial scores, softmax).
 DECODE_STATIC_SHARED_BYTES = 16 * 1024
 INT32_MAX = 2**31 - 1
