@@ -4,6 +4,7 @@
     python bench/bench_backends.py           # < 90 s on an H100: bench/results/<card>/backends.json and the figure
                                              # cuda_backend_decode_vs_triton of bench/results/summary.json
     python bench/bench_backends.py --quick   # shorter timings, no long-context rows
+    python bench/bench_backends.py --decode-sweep  # also the CUDA decode's tunings (K/V stages, split rule)
 
 Sections (each fails on its own, its error kept in the JSON): decode at bench_ops' main shape (64 x 4096,
 32 / 8 heads, head 128, bf16, block 16) and long contexts (split), prefill at bench_prefill's main shape
@@ -93,6 +94,31 @@ def sec_decode(r, sh, quick):
         hx.free()
 
 
+#: CUDA decode tunings timed by ``--decode-sweep`` (each beside Triton again, same inputs): K/V pipeline stages,
+#: and splitting the context below 4 waves of thread blocks instead of 1
+DECODE_SWEEP = [dict(kv_stages=s, split_below_waves=w) for w in (1, 4) for s in (2, 3, 4)]
+
+
+def sec_decode_tuned(tuning: dict):
+    """``sec_decode`` with ``tuning`` applied to the CUDA backend's ``DECODE_TUNING`` (restored after)."""
+    from pagedattn.ops import cuda_attention
+
+    def sec(r, sh, quick):
+        saved = dict(cuda_attention.DECODE_TUNING)
+        cuda_attention.DECODE_TUNING.update(tuning)
+        r["cuda_tuning"] = dict(cuda_attention.DECODE_TUNING)
+        try:
+            sec_decode(r, sh, quick)
+        finally:
+            cuda_attention.DECODE_TUNING.clear()
+            cuda_attention.DECODE_TUNING.update(saved)
+    return sec
+
+
+def sweep_name(tuning: dict) -> str:
+    return "decode_sweep_" + "_".join(f"{k}{v}" for k, v in tuning.items())
+
+
 def sec_prefill(r, sh):
     S, new, prefix = PFULL.prefill
     L, H, D = prefix + new, sh.heads, sh.head_size
@@ -155,6 +181,12 @@ def print_table(res, figs):
     print(f"{'op':<22}{'triton ms':>11}{'cuda ms':>11}{'cuda/triton':>13}{'cuda bw frac':>14}  check")
     rows = [(k, res.get(k, {})) for k in ("decode", "prefill", "reshape_and_cache", "copy_blocks")]
     rows[1:1] = [(f"decode {x['seqs']}x{x['seq_len']}", x) for x in res.get("decode", {}).get("long", [])]
+    for t in DECODE_SWEEP if any(k.startswith("decode_sweep_") for k in res) else ():
+        key = sweep_name(t)
+        sweep = res.get(key, {})
+        tag = key[len("decode_sweep_"):].replace("split_below_waves", "w").replace("kv_stages", "s")
+        rows.append((f"  {tag}", sweep))
+        rows += [(f"  {tag} {x['seqs']}x{x['seq_len']}", x) for x in sweep.get("long", [])]
     for name, x in rows:
         if "error" in x:
             print(f"{name:<22} ERROR {x['error'][:150]}")
@@ -169,6 +201,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter timings, no long-context decode rows")
     ap.add_argument("--out", default=None, help="results directory (default bench/results/<card>)")
+    ap.add_argument("--decode-sweep", action="store_true",
+                    help="also time the CUDA decode over DECODE_SWEEP's tunings (each beside Triton)")
     ap.add_argument("--timing", choices=["graph", "eager"], default="graph",
                     help="time CUDA-graph replays (device time, the default) or eager calls")
     args = ap.parse_args(argv)
@@ -194,6 +228,8 @@ def main(argv=None):
            "argv": sys.argv[1:], "timing": args.timing}
     sections = [("physical", sec_physical, ()), ("decode", sec_decode, (args.quick,)), ("prefill", sec_prefill, ()),
                 ("reshape_and_cache", sec_reshape, ()), ("copy_blocks", sec_copy_blocks, ())]
+    if args.decode_sweep:
+        sections += [(sweep_name(t), sec_decode_tuned(t), (args.quick,)) for t in DECODE_SWEEP]
     hx.run_sections(res, sections, sh)
     out_dir = Path(args.out) if args.out else ROOT / "bench" / "results" / card_slug(card)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +237,8 @@ def main(argv=None):
     res["figures"] = {k: {"value": v, "goal": g} for k, (v, g) in figs.items()}
     (out_dir / "backends.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     if figs:
-        update_figures(figs, card=card, command="python bench/bench_backends.py" + (" --quick" if args.quick else ""))
+        update_figures(figs, card=card, command="python bench/bench_backends.py" + (" --quick" if args.quick else "")
+                       + (" --decode-sweep" if args.decode_sweep else ""))
     print_table(res, figs)
     print(f"wrote {out_dir / 'backends.json'}")
     return res

@@ -10,7 +10,8 @@ kernel has been compiled outside capture).
 Kernel shapes (the comment above each kernel in ``cuda_src/`` gives its tensors and mapping):
 
 - decode: one thread block per (sequence, KV head, up to ``MAX_ROWS`` query heads of its group, context
-  split), 128 threads; K/V tiles of ``TILE_N`` keys in a two-stage cp.async pipeline through shared memory.
+  split), 128 threads; K/V tiles of ``TILE_N`` keys in a cp.async pipeline of ``DECODE_TUNING["kv_stages"]``
+  stages through dynamic shared memory.
   Long contexts with few (sequence, KV head) pairs are split (flash-decoding, same rule as the Triton
   launcher) and merged by a second kernel.
 - prefill: one thread block per (``BLOCK_M / ROWS`` query tokens x ``ROWS`` heads of a group, KV head),
@@ -35,8 +36,14 @@ NTHREADS = 128
 #: Query heads of one GQA group that a thread block takes (a larger group spans several blocks).
 MAX_ROWS = 8
 DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-#: Split rule of the decode kernel (the Triton launcher's defaults, ``launchers.DECODE_TUNING``).
-DECODE_TUNING = {"target_waves": 8, "min_tokens_per_split": 512}
+#: Decode tuning. The split rule (the Triton launcher's defaults, ``launchers.DECODE_TUNING``): split the context
+#: when fewer than ``split_below_waves`` waves of thread blocks (one per SM) would run, into up to
+#: ``target_waves`` waves, no split shorter than ``min_tokens_per_split`` tokens. ``kv_stages``: the K/V
+#: pipeline's stages (``kv_stages - 1`` tiles in flight while one is computed; fewer when the card's shared
+#: memory cannot hold them). bench/NOTES.md "CUDA decode v2".
+DECODE_TUNING = {"target_waves": 8, "min_tokens_per_split": 512, "split_below_waves": 1, "kv_stages": 3}
+#: Static shared memory the decode kernel may need besides its K/V stages (queries, partial scores, softmax).
+DECODE_STATIC_SHARED_BYTES = 16 * 1024
 INT32_MAX = 2**31 - 1
 
 
@@ -51,7 +58,7 @@ def group_rows(group_size: int) -> tuple[int, int]:
 
 
 def decode_tile_n(head_size: int, dtype: torch.dtype) -> int:
-    """Keys per decode tile: two stages of K and V tiles stay under 48 KB of static shared memory."""
+    """Keys per decode tile: two stages of K and V tiles stay under 48 KB of shared memory (no opt-in needed)."""
     if dtype == torch.float32:
         return 8 if head_size > 128 else 16
     return 16 if head_size > 128 else 32
@@ -71,9 +78,33 @@ def prefill_tiles(head_size: int, dtype: torch.dtype, rows: int, query_len_hint:
     return block_m, tile_n
 
 
+def decode_stage_bytes(head_size: int, dtype: torch.dtype, tile_n: int) -> int:
+    """Shared-memory bytes of one K/V stage of the decode kernel: K and V rows of ``tile_n`` keys, each row
+    padded to an odd number of 16-byte units (``RS`` in attention_common.cuh)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    vec = 16 // size
+    return 2 * tile_n * ((head_size // vec) | 1) * vec * size
+
+
+def decode_kv_stages(stage_bytes: int, shared_optin: int) -> int:
+    """``DECODE_TUNING["kv_stages"]``, lowered (to 2 at least) until the stages fit ``shared_optin`` bytes of
+    shared memory a block beside the kernel's static arrays."""
+    stages = DECODE_TUNING["kv_stages"]
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 2 <= stages <= 8:
+        raise ValueError(f"DECODE_TUNING['kv_stages'] must be an int in [2, 8], got {stages!r}")
+    while stages > 2 and stages * stage_bytes > shared_optin - DECODE_STATIC_SHARED_BYTES:
+        stages -= 1
+    return stages
+
+
 @functools.lru_cache(maxsize=None)
 def num_multiprocessors(device_index: int) -> int:
     return cuda_runtime.device_attributes(device_index)["multiprocessor_count"]
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_optin(device_index: int) -> int:
+    return cuda_runtime.device_attributes(device_index)["max_shared_memory_per_block_optin"]
 
 
 def choose_num_splits(num_seqs: int, programs_per_seq: int, max_seq_len: int, device: torch.device) -> int:
@@ -83,7 +114,7 @@ def choose_num_splits(num_seqs: int, programs_per_seq: int, max_seq_len: int, de
         return 1
     programs = num_seqs * programs_per_seq
     num_sms = num_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= num_sms:
+    if programs >= DECODE_TUNING["split_below_waves"] * num_sms:
         return 1
     target = DECODE_TUNING["target_waves"] * num_sms
     by_length = max(1, max_seq_len // DECODE_TUNING["min_tokens_per_split"])
@@ -152,8 +183,11 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
     else:
         part_out = part_lse = out  # unused
     dtype = DTYPE_CODE[query.dtype]
+    stage_bytes = decode_stage_bytes(head_size, query.dtype, tile_n)
+    device_index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    stages = decode_kv_stages(stage_bytes, shared_memory_optin(device_index))
     kernel = _kernel(query.device, SOURCE, "paged_decode_kernel", KERNEL_DECODE=1, DTYPE=dtype,
-                     HEAD_SIZE=head_size, ROWS=rows, TILE_N=tile_n,
+                     HEAD_SIZE=head_size, ROWS=rows, TILE_N=tile_n, KV_STAGES=stages,
                      ALIGNED=int(kv_rows_aligned(key_cache, value_cache)))
     args = (query, *_strides(query, (0, 1)),
             *_cache_args(key_cache, value_cache),
@@ -167,7 +201,8 @@ def paged_decode(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor
             np.int32(group_size), np.int32(num_subgroups), np.int32(num_heads),
             np.int32(min(sliding_window, INT32_MAX)), np.int32(tokens_per_split),
             np.int32(alibi_slopes is not None), np.int32(lse is not None))
-    cuda_runtime.launch(kernel, (num_seqs, num_kv_heads * num_subgroups, num_splits), (NTHREADS, 1, 1), args)
+    cuda_runtime.launch(kernel, (num_seqs, num_kv_heads * num_subgroups, num_splits), (NTHREADS, 1, 1), args,
+                        shared_mem=stages * stage_bytes)
     if num_splits > 1:
         merge = _kernel(query.device, SOURCE, "merge_splits_kernel", KERNEL_MERGE=1, DTYPE=dtype)
         cuda_runtime.launch(merge, (num_seqs, num_heads, 1), (NTHREADS, 1, 1),

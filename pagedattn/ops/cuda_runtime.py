@@ -24,8 +24,6 @@ import torch
 
 #: Where the kernels' sources live (shipped as package data).
 SOURCE_DIR = Path(__file__).resolve().with_name("cuda_src")
-#: Dynamic shared memory above this needs an opt-in attribute on the kernel.
-DEFAULT_SHARED_MEM_LIMIT = 48 * 1024
 #: Options of every compilation (the device's architecture is added by CuPy).
 BASE_OPTIONS = ("-std=c++17",)
 
@@ -215,7 +213,9 @@ def launch(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args
         device = torch.device("cuda", torch.cuda.current_device())
     cupy = _cupy()
     with cupy.cuda.Device(device.index):
-        if shared_mem > DEFAULT_SHARED_MEM_LIMIT and kernel.max_dynamic_shared_size_bytes < shared_mem:
+        # the kernel's limit on dynamic shared memory starts at 48 KB less its static arrays: raise it (the
+        # opt-in) whenever a launch asks for more, not only above 48 KB
+        if shared_mem > 0 and kernel.max_dynamic_shared_size_bytes < shared_mem:
             kernel.max_dynamic_shared_size_bytes = int(shared_mem)
         kernel(grid, block, converted, shared_mem=int(shared_mem),
                stream=external_stream(torch.cuda.current_stream(device)))

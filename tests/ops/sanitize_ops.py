@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 import pagedattn.ops as ops  # noqa: E402
-from pagedattn.ops import config, cuda_runtime, launchers  # noqa: E402
+from pagedattn.ops import config, cuda_attention, cuda_runtime, launchers  # noqa: E402
 
 CONFIGS = ((torch.bfloat16, 128, 16, "HND"), (torch.float16, 80, 1, "NHD"), (torch.float32, 256, 256, "HND"))
 
@@ -58,6 +58,20 @@ def run_ops(dtype, head, block_size, layout) -> None:
     finally:
         launchers.DECODE_TUNING.clear()
         launchers.DECODE_TUNING.update(saved)
+    # the CUDA decode's K/V pipelines other than the default 3 stages (Triton ignores the setting): tiles in
+    # flight past the last one
+    saved = dict(cuda_attention.DECODE_TUNING)
+    try:
+        for kv_stages in (2, 4):
+            cuda_attention.DECODE_TUNING["kv_stages"] = kv_stages
+            for num_splits in (0, 3):
+                out = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40),
+                                                 num_splits=num_splits, alibi_slopes=slopes,
+                                                 sliding_window=7 * block_size + 3, softcap=3.0)
+                assert torch.isfinite(out).all()
+    finally:
+        cuda_attention.DECODE_TUNING.clear()
+        cuda_attention.DECODE_TUNING.update(saved)
     cu = torch.tensor([0, 3, 2, 10**6, 7], dtype=torch.int32, device="cuda")  # garbage, clamped
     for hint in (0, 1):
         q7 = query.repeat(2, 1, 1)[:7]

@@ -220,3 +220,40 @@ def test_copy_blocks_plan_covers_large_blocks_with_a_bounded_grid():
     block_bytes, chunk_bytes = int(args[-1]), block[0] * defines["VEC"] * defines["UNROLL"]
     assert defines["VEC"] == 16 and block == (256, 1, 1) and grid[:2] == (5, 1)
     assert grid[2] * chunk_bytes >= block_bytes and grid[2] <= 65535
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda_attention's decode plan: shared memory of the K/V stages
+# ---------------------------------------------------------------------------------------------
+
+
+def test_decode_stage_bytes_are_two_padded_tiles():
+    from pagedattn.ops import cuda_attention as ca
+
+    # bfloat16, head 128: rows of 16 (odd) 16-byte units -> 17 x 16 bytes; K and V, 32 keys
+    assert ca.decode_stage_bytes(128, torch.bfloat16, 32) == 2 * 32 * 17 * 16
+    # float32, head 256: 64 units of four floats -> 65
+    assert ca.decode_stage_bytes(256, torch.float32, 8) == 2 * 8 * 65 * 16
+    # two stages at every supported head size and dtype fit 48 KB beside the static arrays (at most ~12 KB:
+    # 8 query rows of head 256 in float32, the partial scores), so every card runs the minimum pipeline
+    for head in ops.SUPPORTED_HEAD_SIZES:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            two = 2 * ca.decode_stage_bytes(head, dtype, ca.decode_tile_n(head, dtype))
+            assert two + 12 * 1024 <= 48 * 1024, (head, dtype, two)
+
+
+def test_decode_kv_stages_are_lowered_to_fit_and_checked(monkeypatch):
+    from pagedattn.ops import cuda_attention as ca
+
+    h100_optin = 227 * 1024
+    monkeypatch.setitem(ca.DECODE_TUNING, "kv_stages", 4)
+    assert ca.decode_kv_stages(17408, h100_optin) == 4
+    # 48 KB cards: 4 stages of 17 KB do not fit beside the static arrays, 2 always run
+    assert ca.decode_kv_stages(17408, 48 * 1024) == 2
+    monkeypatch.setitem(ca.DECODE_TUNING, "kv_stages", 8)
+    assert ca.decode_kv_stages(30000, h100_optin) == 7
+    assert ca.decode_kv_stages(17408, 100 * 1024) == 4
+    for bad in (1, 9, True, 2.5, "3"):
+        monkeypatch.setitem(ca.DECODE_TUNING, "kv_stages", bad)
+        with pytest.raises(ValueError, match=r"DECODE_TUNING\['kv_stages'\]"):
+            ca.decode_kv_stages(17408, h100_optin)

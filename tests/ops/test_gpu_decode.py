@@ -233,3 +233,26 @@ def test_decode_cuda_graph_replay_full_batch_new_lengths():
         graph.replay()
         torch.cuda.synchronize()
         check_replay(p, out, lse, 64 ** -0.5, f"replay {step}")
+
+
+@pytest.mark.parametrize("kv_stages", [2, 4, 8])
+@pytest.mark.parametrize("case", FULL_BATCH_CASES + [(torch.float32, (16, 2), 256, 16, {"num_splits": 3}),
+                                                     (torch.bfloat16, (32, 8), 128, 16, {"long": True})],
+                         ids=lambda c: f"{str(c[0])[6:]}-h{c[1][0]}kv{c[1][1]}-d{c[2]}")
+def test_cuda_decode_kv_stages(gpu_backend, case, kv_stages, monkeypatch):
+    """The CUDA decode kernel's K/V pipelines other than the default 3 stages
+    (``cuda_attention.DECODE_TUNING["kv_stages"]``; Triton ignores it): contexts shorter than the pipeline
+    (0 and 1 tile), ragged lengths, splits, float32 at head 256, long contexts; 8 stages leave one thread block
+    a multiprocessor."""
+    from pagedattn.ops import cuda_attention
+
+    monkeypatch.setitem(cuda_attention.DECODE_TUNING, "kv_stages", kv_stages)
+    dtype, (heads, kv_heads), head, block, feats = case
+    feats = dict(feats)
+    g = torch.Generator().manual_seed(zlib.crc32(str(case).encode()) + kv_stages)
+    lens = ([20000, 7777, 33] if feats.pop("long", False) else
+            torch.cat([torch.tensor([0, 1, 31, 32, 33, 95, 1500]), (torch.rand(120, generator=g) ** 3 * 1500).long() + 1]
+                      ).tolist())
+    p = make_decode_problem(lens, heads, kv_heads, head, block, dtype, "cuda", layout=feats.pop("layout", "HND"),
+                            alibi=feats.pop("alibi", False), generator=g)
+    run_decode_and_check(p, dtype, what=f"{case} kv_stages {kv_stages}", **feats)

@@ -8,9 +8,10 @@
 //   seq_lens int32 [num_seqs]; alibi float32 [num_heads]; out [num_seqs, num_heads, HEAD_SIZE];
 //   lse float32 [num_seqs, num_heads]; part_out float32 [num_seqs, num_heads, num_splits, HEAD_SIZE] and
 //   part_lse float32 [num_seqs, num_heads, num_splits] when gridDim.z (num_splits) > 1.
-// Grid (num_seqs, num_kv_heads * num_subgroups, num_splits); 128 threads. A block takes ROWS query heads of
-// one KV head's group (K/V read once for all of them) over its split of the context, TILE_N keys at a time
-// in a two-stage cp.async pipeline. Per tile: thread (t, sub) sums the q.k products of key t over chunks
+// Grid (num_seqs, num_kv_heads * num_subgroups, num_splits); 128 threads; dynamic shared memory: the K/V
+// stages, KV_STAGES * 2 * TILE_N * RS elements. A block takes ROWS query heads of one KV head's group (K/V
+// read once for all of them) over its split of the context, TILE_N keys at a time in a KV_STAGES-stage
+// cp.async pipeline (KV_STAGES - 1 tiles in flight while one is computed). Per tile: thread (t, sub) sums the q.k products of key t over chunks
 // sub, sub + TPT, ...; one warp per row does the online softmax; thread (chunk, slice) accumulates
 // p * V for four columns over the keys of its slice (the slices are summed at the end).
 constexpr int TPT = NTHREADS / TILE_N;        // threads per key in the q.k products
@@ -18,8 +19,13 @@ constexpr int PV_CH = HEAD_SIZE / 4;          // four-column chunks of the p.V p
 constexpr int NS = NTHREADS / PV_CH;          // key slices of the p.V products
 constexpr int RPW = (ROWS + 3) / 4;           // softmax rows per warp
 constexpr int ROWS4 = RPW * 4;                // p_s row stride: the rows' probabilities of a key as float4s
+#ifndef KV_STAGES
+#define KV_STAGES 2
+#endif
+constexpr int STAGE = 2 * TILE_N * RS;        // elements of one stage: K then V, [TILE_N][RS] each
 static_assert(TILE_N <= 32 && NTHREADS % TILE_N == 0 && NS >= 1, "decode tile shape");
-static_assert(NS * ROWS * HEAD_SIZE * 4 <= 2 * 2 * TILE_N * RS * (int)sizeof(T), "final sums fit the stages");
+static_assert(KV_STAGES >= 2 && KV_STAGES <= 8, "K/V pipeline stages");
+static_assert(NS * ROWS * HEAD_SIZE * 4 <= KV_STAGES * STAGE * (int)sizeof(T), "final sums fit the stages");
 
 extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode_kernel(
     const T* __restrict__ q, i64 sq_s, i64 sq_h,
@@ -30,12 +36,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode_kernel(
     float* __restrict__ lse, i64 sl_s, i64 sl_h, float* __restrict__ part_out, float* __restrict__ part_lse,
     float scale, float softcap, int num_blocks, int max_blocks_per_seq, int log2_block_size, int group_size,
     int num_subgroups, int num_heads, int sliding_window, int tokens_per_split, int use_alibi, int write_lse) {
-  __shared__ uint4 kv_raw[2 * 2 * TILE_N * RS * sizeof(T) / 16];  // [stage][K|V][TILE_N][RS]; then final sums
+  extern __shared__ uint4 kv_raw[];  // dynamic: [KV_STAGES][K|V][TILE_N][RS]; then the final sums
   __shared__ __align__(16) float q_s[ROWS * HEAD_SIZE];
   __shared__ float s_part[TPT * ROWS * TILE_N];
   __shared__ __align__(16) float p_s[TILE_N * ROWS4];
   __shared__ float alpha_s[ROWS], m_s[ROWS], l_s[ROWS], slope_s[ROWS];
-  __shared__ int ok_s[2][TILE_N];
+  __shared__ int ok_s[KV_STAGES][TILE_N];
   T* kv_s = reinterpret_cast<T*>(kv_raw);
 
   const int seq = blockIdx.x, kv_head = blockIdx.y / num_subgroups, sub = blockIdx.y % num_subgroups;
@@ -63,18 +69,28 @@ extern "C" __global__ void __launch_bounds__(NTHREADS) paged_decode_kernel(
   const Paged ctx = {k_cache + kv_head * sk_h, sk_b, sk_t, v_cache + kv_head * sv_h, sv_b, sv_t,
                      block_tables + seq * sbt_s, sbt_b, num_blocks, log2_block_size};
   const int num_tiles = end > start ? (end - start + TILE_N - 1) / TILE_N : 0;
-  if (num_tiles > 0) load_kv_tile(ctx, start, start, end, kv_s, kv_s + TILE_N * RS, ok_s[0]);
-  cp_commit();
-  for (int it = 0; it < num_tiles; ++it) {
-    const int tile_start = start + it * TILE_N, stage = it & 1;
-    if (it + 1 < num_tiles) {
-      T* next = kv_s + (stage ^ 1) * 2 * TILE_N * RS;
-      load_kv_tile(ctx, tile_start + TILE_N, start, end, next, next + TILE_N * RS, ok_s[stage ^ 1]);
+  // prologue: tiles 0 .. KV_STAGES - 2 in flight, one commit group each (empty groups past the last tile
+  // keep the count, so cp_wait<KV_STAGES - 1> below always means "this iteration's tile has landed")
+#pragma unroll
+  for (int s = 0; s < KV_STAGES - 1; ++s) {
+    if (s < num_tiles) {
+      T* dst = kv_s + s * STAGE;
+      load_kv_tile(ctx, start + s * TILE_N, start, end, dst, dst + TILE_N * RS, ok_s[s]);
     }
     cp_commit();
-    cp_wait<1>();
+  }
+  for (int it = 0; it < num_tiles; ++it) {
+    const int tile_start = start + it * TILE_N, stage = it % KV_STAGES;
+    const int ahead = it + KV_STAGES - 1;  // the tile loaded now, into the stage computed last iteration
+    if (ahead < num_tiles) {
+      const int ahead_stage = ahead % KV_STAGES;
+      T* next = kv_s + ahead_stage * STAGE;
+      load_kv_tile(ctx, start + ahead * TILE_N, start, end, next, next + TILE_N * RS, ok_s[ahead_stage]);
+    }
+    cp_commit();
+    cp_wait<KV_STAGES - 1>();
     __syncthreads();
-    const T* k_s = kv_s + stage * 2 * TILE_N * RS;
+    const T* k_s = kv_s + stage * STAGE;
     const T* v_s = k_s + TILE_N * RS;
     {  // partial q.k products: key t, chunks sub_t, sub_t + TPT, ...
       const int t = tid % TILE_N, sub_t = tid / TILE_N;
