@@ -41,8 +41,8 @@ def test_enforce_eager_must_be_bool():
     assert EngineConfig().fuse_projections is True  # the default (see its docstring)
 
 
-def test_fuse_projections_reaches_the_capture():
-    """maybe_capture_graphs passes the flag only when set (runners without it keep working)."""
+def test_fuse_projections_and_compile_prefill_reach_the_capture():
+    """maybe_capture_graphs passes each flag only when set (runners without them keep working)."""
     seen = []
 
     class Runner:
@@ -56,9 +56,11 @@ def test_fuse_projections_reaches_the_capture():
             return Graphs()
 
     for fuse in (False, True):
-        maybe_capture_graphs(Runner(), EngineConfig(num_gpu_blocks=8, fuse_projections=fuse,
+        maybe_capture_graphs(Runner(), EngineConfig(num_gpu_blocks=8, fuse_projections=fuse, compile_prefill=False,
                                                     num_scheduler_steps=1), 128)
-    assert seen == [(True, {}), (True, {"fuse_projections": True})]
+    maybe_capture_graphs(Runner(), EngineConfig(num_gpu_blocks=8, fuse_projections=False, num_scheduler_steps=1), 128)
+    assert seen == [(True, {}), (True, {"fuse_projections": True}), (True, {"compile_prefill": True})]
+    assert EngineConfig().compile_prefill is True  # the default (see its docstring)
 
 
 def test_decode_graphs_need_cuda():
