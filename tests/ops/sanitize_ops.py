@@ -42,36 +42,30 @@ def run_ops(dtype, head, block_size, layout) -> None:
     out, lse = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40), return_lse=True,
                                           alibi_slopes=slopes, sliding_window=7 * block_size + 3, softcap=3.0)
     assert torch.isfinite(out).all()
-    # other tunings: both KV heads in one program; the loads in the order up to 2026-11-27 (prefetch 0); the next
-    # tiles' loads issued early (reads past the last tile must be masked)
-    saved = dict(launchers.DECODE_TUNING)
-    try:
-        for tuning in (dict(kv_heads_per_program=2), dict(prefetch=0), dict(prefetch=3),
-                       dict(prefetch=4, num_stages=3), dict(prefetch=2, kv_heads_per_program=2)):
-            launchers.DECODE_TUNING.update(saved)
-            launchers.DECODE_TUNING.update(tuning)
-            for num_splits in (0, 3):
-                out = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40),
-                                                 num_splits=num_splits, alibi_slopes=slopes,
-                                                 sliding_window=7 * block_size + 3, softcap=3.0)
-                assert torch.isfinite(out).all()
-    finally:
-        launchers.DECODE_TUNING.clear()
-        launchers.DECODE_TUNING.update(saved)
+    def decode_wide_under(tuning_table: dict, tunings) -> None:
+        """The wide batch (auto and 3 splits) under each of ``tunings`` applied to ``tuning_table``."""
+        saved = dict(tuning_table)
+        try:
+            for tuning in tunings:
+                tuning_table.update(saved)
+                tuning_table.update(tuning)
+                for num_splits in (0, 3):
+                    out = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40),
+                                                     num_splits=num_splits, alibi_slopes=slopes,
+                                                     sliding_window=7 * block_size + 3, softcap=3.0)
+                    assert torch.isfinite(out).all()
+        finally:
+            tuning_table.clear()
+            tuning_table.update(saved)
+
+    # other Triton tunings: both KV heads in one program; the loads in the order up to 2026-11-27 (prefetch 0);
+    # the next tiles' loads issued early (reads past the last tile must be masked)
+    decode_wide_under(launchers.DECODE_TUNING, (
+        dict(kv_heads_per_program=2), dict(prefetch=0), dict(prefetch=3), dict(prefetch=4, num_stages=3),
+        dict(prefetch=2, kv_heads_per_program=2)))
     # the CUDA decode's K/V pipelines other than the default 3 stages (Triton ignores the setting): tiles in
     # flight past the last one
-    saved = dict(cuda_attention.DECODE_TUNING)
-    try:
-        for kv_stages in (2, 4):
-            cuda_attention.DECODE_TUNING["kv_stages"] = kv_stages
-            for num_splits in (0, 3):
-                out = ops.paged_decode_attention(query.repeat(40, 1, 1), kc, vc, wide, lens.repeat(40),
-                                                 num_splits=num_splits, alibi_slopes=slopes,
-                                                 sliding_window=7 * block_size + 3, softcap=3.0)
-                assert torch.isfinite(out).all()
-    finally:
-        cuda_attention.DECODE_TUNING.clear()
-        cuda_attention.DECODE_TUNING.update(saved)
+    decode_wide_under(cuda_attention.DECODE_TUNING, (dict(kv_stages=2), dict(kv_stages=4)))
     cu = torch.tensor([0, 3, 2, 10**6, 7], dtype=torch.int32, device="cuda")  # garbage, clamped
     for hint in (0, 1):
         q7 = query.repeat(2, 1, 1)[:7]
