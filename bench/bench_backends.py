@@ -34,7 +34,7 @@ from bench import harness as hx  # noqa: E402
 from bench.bench_ops import sec_physical  # noqa: E402
 from bench.ops_common import FULL, TOL, copy_blocks_case, make_case, max_diff, ours_fn, reshape_case, sdpa  # noqa: E402
 from bench.prefill_common import PFULL, cu_of, prefill_case, prefill_fn  # noqa: E402
-from bench.harness import TIMING, card_slug, fmt, rec, timeit  # noqa: E402
+from bench.harness import TIMING, card_slug, fmt, rec, timeit, tuned  # noqa: E402
 from pagedattn.ops import (DEFAULT_LAYOUT, allocate_kv_cache, copy_blocks, get_backend, reshape_and_cache,  # noqa: E402
                            set_backend)
 
@@ -104,14 +104,9 @@ def sec_decode_tuned(tuning: dict):
     from pagedattn.ops import cuda_attention
 
     def sec(r, sh, quick):
-        saved = dict(cuda_attention.DECODE_TUNING)
-        cuda_attention.DECODE_TUNING.update(tuning)
-        r["cuda_tuning"] = dict(cuda_attention.DECODE_TUNING)
-        try:
+        with tuned(cuda_attention.DECODE_TUNING, tuning) as table:
+            r["cuda_tuning"] = dict(table)
             sec_decode(r, sh, quick)
-        finally:
-            cuda_attention.DECODE_TUNING.clear()
-            cuda_attention.DECODE_TUNING.update(saved)
     return sec
 
 

@@ -47,7 +47,7 @@ import triton  # noqa: E402
 
 from bench import harness as hx  # noqa: E402
 from bench.bench_ops import sec_physical  # noqa: E402
-from bench.harness import card_slug, rec, timeit  # noqa: E402
+from bench.harness import card_slug, rec, timeit, tuned  # noqa: E402
 from bench.ops_common import FULL, make_case, max_diff  # noqa: E402
 from bench.workloads import _lognormal  # noqa: E402
 from pagedattn.ops import allocate_kv_cache, config, launchers, paged_decode_attention  # noqa: E402
@@ -80,6 +80,8 @@ PREFETCHES = ([dict(prefetch=0), dict(prefetch=1), dict(prefetch=2)]
                  for w, st, t in ((4, 2, 64), (4, 1, 64), (8, 2, 64), (4, 2, 32), (4, 2, 128), (8, 2, 128))]
               + [dict(prefetch=4, num_warps=4, num_stages=st, tile_n=t)
                  for st, t in ((2, 64), (3, 64), (4, 64), (3, 32), (4, 32), (3, 128))])
+#: every tuning the engine section sweeps (its three fastest are timed on the main shape too)
+SWEPT = TUNINGS + PARTS + KV_GROUPS + PREFETCHES
 
 
 def tuning_name(t: dict) -> str:
@@ -148,33 +150,29 @@ def variant(c, ref, sh, num_splits=None, tuning=None, plan=None) -> dict:
     """Check (layer 0) then time the decode op over every layer's caches (``c.caches``, else ``c.kc, c.vc``)
     with ``num_splits`` (None: the launcher's choice), ``tuning`` (DECODE_TUNING overrides) and ``plan`` (a
     :class:`SplitPlan` the launcher uses instead of its own); per layer."""
-    saved = dict(launchers.DECODE_TUNING)
     saved_plan = launchers.plan_decode_splits
     caches = getattr(c, "caches", None) or [(c.kc, c.vc)]
     try:
-        launchers.DECODE_TUNING.update(tuning or {})
-        if plan is not None:
-            launchers.plan_decode_splits = lambda *args: plan
-        outs = [torch.full_like(c.q, float("nan")) for _ in caches]
+        with tuned(launchers.DECODE_TUNING, tuning):
+            if plan is not None:
+                launchers.plan_decode_splits = lambda *args: plan
+            outs = [torch.full_like(c.q, float("nan")) for _ in caches]
 
-        def fn():
-            for (kc, vc), out in zip(caches, outs):
-                paged_decode_attention(c.q, kc, vc, c.bt, c.lens, out=out, num_splits=num_splits,
-                                       max_seq_len=c.max_len)
-            return outs[0]
+            def fn():
+                for (kc, vc), out in zip(caches, outs):
+                    paged_decode_attention(c.q, kc, vc, c.bt, c.lens, out=out, num_splits=num_splits,
+                                           max_seq_len=c.max_len)
+                return outs[0]
 
-        diff = max_diff(fn(), ref)
-        chosen, per_seq = (num_splits, False) if num_splits else launchers.plan_decode_splits(
-            c.q.shape[0], c.kc.shape[2], c.max_len or c.bt.shape[1] * c.kc.shape[1], hx.DEV)[:2]
-        r = rec(timeit(fn, sh) / len(caches), c.kv_bytes, max_abs_diff=diff, ok=diff <= TOL, num_splits=chosen,
-                per_seq=per_seq, tuning=tuning or {})
+            diff = max_diff(fn(), ref)
+            chosen, per_seq = (num_splits, False) if num_splits else launchers.plan_decode_splits(
+                c.q.shape[0], c.kc.shape[2], c.max_len or c.bt.shape[1] * c.kc.shape[1], hx.DEV)[:2]
+            return rec(timeit(fn, sh) / len(caches), c.kv_bytes, max_abs_diff=diff, ok=diff <= TOL,
+                       num_splits=chosen, per_seq=per_seq, tuning=tuning or {})
     except Exception as e:  # noqa: BLE001
-        r = {"error": f"{type(e).__name__}: {e}"}
+        return {"error": f"{type(e).__name__}: {e}"}
     finally:
-        launchers.DECODE_TUNING.clear()
-        launchers.DECODE_TUNING.update(saved)
         launchers.plan_decode_splits = saved_plan
-    return r
 
 
 def main(argv=None) -> None:
@@ -192,7 +190,7 @@ def main(argv=None) -> None:
             sys.exit("--compile-report compiles for a GPU: unset TRITON_INTERPRET")
         from bench.compile_report import decode_compile_report
 
-        variants = {"default": {}, **{tuning_name(t): t for t in TUNINGS + PARTS + KV_GROUPS + PREFETCHES}}
+        variants = {"default": {}, **{tuning_name(t): t for t in SWEPT}}
         rows = decode_compile_report(variants, ENGINE)
         path = Path(args.out or tempfile.mkdtemp(prefix="bench_decode_skew_")) / "decode_compile_report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +224,7 @@ def main(argv=None) -> None:
         rows["auto_host_mean"] = variant(c, ref, sh, plan=host_mean_plan(c))
         for n in SPLITS:
             rows[f"splits_{n}"] = variant(c, ref, sh, num_splits=n)
-        for t in TUNINGS + PARTS + KV_GROUPS + PREFETCHES:
+        for t in SWEPT:
             rows[tuning_name(t)] = variant(c, ref, sh, tuning=t)
         res["engine"] = rows
     # the same batch with its sequences sorted by length: longest first puts the long programs in the first
@@ -280,7 +278,7 @@ def main(argv=None) -> None:
         timed = sorted((r["ms"], name) for name, r in rows.items() if name[0] in "wpk" and "ms" in r)
         for _, name in timed[:3]:
             res["main"][name] = variant(m, ref_m, sh, tuning=next(
-                t for t in TUNINGS + PARTS + KV_GROUPS + PREFETCHES if tuning_name(t) == name))
+                t for t in SWEPT if tuning_name(t) == name))
     out_dir = Path(tempfile.mkdtemp()) if args.dry_run else ROOT / "bench" / "results" / card_slug(card)
     out_dir.mkdir(parents=True, exist_ok=True)
     # a run of some sections only does not overwrite the full run's file

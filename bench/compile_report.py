@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import triton
 
+from bench.harness import tuned
 from pagedattn.ops import DEFAULT_LAYOUT, allocate_kv_cache
 
 #: an H100 multiprocessor: registers, shared memory (bytes), warps, resident programs
@@ -85,6 +86,28 @@ class OfflineKernel:
         return self.last
 
 
+def compile_variants(variants: dict, tuning_table: dict, compile_one, line) -> dict:
+    """Each variant's report: ``compile_one()`` (an :class:`OfflineKernel` launch's report) run with the
+    variant's overrides applied to ``tuning_table``; a failure becomes ``{"error": ...}``. Each row also gets
+    the seconds it took and is printed as ``line(name, row)``.
+
+    Returns:
+        name -> row.
+    """
+    out = {}
+    for name, variant in variants.items():
+        t0 = time.perf_counter()
+        try:
+            with tuned(tuning_table, variant):
+                row = compile_one()
+        except Exception as exc:  # noqa: BLE001
+            row = {"error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        out[name] = row
+        print(line(name, row), flush=True)
+    return out
+
+
 def prefill_compile_report(variants: dict, sh, target_arch: int = 90) -> dict:
     """Compile each variant's kernel for sm_<arch>a without launching it (no GPU needed; not under the
     interpreter): registers and spills from ptxas, shared memory, and the TTGIR's pipelining: K/V buffers and
@@ -102,8 +125,6 @@ def prefill_compile_report(variants: dict, sh, target_arch: int = 90) -> dict:
     """
     from pagedattn.ops import launchers
 
-    out = {}
-
     def fix(kwargs):
         kwargs["DOT_F32"] = False  # CPU tensors here; bf16 dots on the GPU
         if kwargs.get("num_warps") == 8 and launchers.PREFILL_TUNING["maxnreg"]:
@@ -120,26 +141,17 @@ def prefill_compile_report(variants: dict, sh, target_arch: int = 90) -> dict:
     cu = torch.tensor([0, L], dtype=torch.int32)
     o = torch.empty_like(q)
     real = launchers.paged_prefill_kernel
-    launchers.paged_prefill_kernel = OfflineKernel(real, target_arch, fix)
+    launchers.paged_prefill_kernel = offline = OfflineKernel(real, target_arch, fix)
+
+    def compile_one() -> dict:
+        launchers.paged_prefill(o, q, kc, vc, bt, lens, cu, new, sh.head_size ** -0.5, 0, 0.0, None, None)
+        return dict(offline.last)
+
     try:
-        for name, variant in variants.items():
-            saved = dict(launchers.PREFILL_TUNING)
-            t0 = time.perf_counter()
-            try:
-                launchers.PREFILL_TUNING.update(variant)
-                launchers.paged_prefill(o, q, kc, vc, bt, lens, cu, new, sh.head_size ** -0.5, 0, 0.0, None, None)
-                row = dict(launchers.paged_prefill_kernel.last)
-            except Exception as e:  # noqa: BLE001
-                row = {"error": f"{type(e).__name__}: {str(e)[-300:]}"}
-            finally:
-                launchers.PREFILL_TUNING.clear()
-                launchers.PREFILL_TUNING.update(saved)
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            out[name] = row
-            print(f"  {name:<30}{row}", flush=True)
+        return compile_variants(variants, launchers.PREFILL_TUNING, compile_one,
+                                lambda name, row: f"  {name:<30}{row}")
     finally:
         launchers.paged_prefill_kernel = real
-    return out
 
 
 def decode_compile_report(variants: dict, e, target_arch: int = 90) -> dict:
@@ -173,34 +185,28 @@ def decode_compile_report(variants: dict, e, target_arch: int = 90) -> dict:
     real = launchers.paged_decode_kernel, launchers.merge_splits_kernel, launchers.plan_decode_splits
     launchers.paged_decode_kernel = decode = OfflineKernel(real[0], target_arch, fix)
     launchers.merge_splits_kernel = merge = OfflineKernel(real[1], target_arch)  # launched as on the GPU
-    out = {}
+
+    def compile_one() -> dict:
+        decode.last = merge.last = None
+        t = launchers.DECODE_TUNING
+        # the plan a full batch gets on a GPU (plan_decode_splits returns one split off CUDA)
+        plan = launchers.SplitPlan(launchers.parts_per_seq_for(e.width_tokens), True,
+                                   t["min_tokens_per_part"], t["part_vs_mean"])
+        launchers.plan_decode_splits = lambda *args: plan
+        try:
+            launchers.paged_decode(o, q, kc, vc, bt, lens, e.head_size ** -0.5, 0, 0.0, None, None,
+                                   e.width_tokens, 0)
+        finally:
+            launchers.plan_decode_splits = real[2]
+        return {"decode": dict(decode.last), "merge": dict(merge.last) if merge.last else None}
+
+    def line(name: str, row: dict) -> str:
+        d = row.get("decode") or row
+        return f"  {name:<24} " + (", ".join(f"{k} {d[k]}" for k in ("regs", "spill_bytes", "smem", "kv_buffers",
+                                                                      "max_async_wait", "programs_per_sm"))
+                                   if "regs" in d else str(d))
+
     try:
-        for name, variant in variants.items():
-            saved = dict(launchers.DECODE_TUNING)
-            t0 = time.perf_counter()
-            decode.last = merge.last = None
-            try:
-                launchers.DECODE_TUNING.update(variant)
-                t = launchers.DECODE_TUNING
-                # the plan a full batch gets on a GPU (plan_decode_splits returns one split off CUDA)
-                plan = launchers.SplitPlan(launchers.parts_per_seq_for(e.width_tokens), True,
-                                           t["min_tokens_per_part"], t["part_vs_mean"])
-                launchers.plan_decode_splits = lambda *args: plan
-                launchers.paged_decode(o, q, kc, vc, bt, lens, e.head_size ** -0.5, 0, 0.0, None, None,
-                                       e.width_tokens, 0)
-                row = {"decode": dict(decode.last), "merge": dict(merge.last) if merge.last else None}
-            except Exception as exc:  # noqa: BLE001
-                row = {"error": f"{type(exc).__name__}: {str(exc)[-300:]}"}
-            finally:
-                launchers.DECODE_TUNING.clear()
-                launchers.DECODE_TUNING.update(saved)
-                launchers.plan_decode_splits = real[2]
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            out[name] = row
-            d = row.get("decode") or row
-            print(f"  {name:<24} " + (", ".join(f"{k} {d[k]}" for k in ("regs", "spill_bytes", "smem", "kv_buffers",
-                                                                         "max_async_wait", "programs_per_sm"))
-                                      if "regs" in d else str(d)), flush=True)
+        return compile_variants(variants, launchers.DECODE_TUNING, compile_one, line)
     finally:
         launchers.paged_decode_kernel, launchers.merge_splits_kernel, launchers.plan_decode_splits = real
-    return out

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import statistics
@@ -28,6 +29,20 @@ def free():
     gc.collect()
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def tuned(table: dict, overrides: dict | None):
+    """Apply ``overrides`` to a tuning table (``launchers.DECODE_TUNING``, ``PREFILL_TUNING``,
+    ``cuda_attention.DECODE_TUNING``) for the ``with`` block; the table is restored whole after it, also on an
+    error."""
+    saved = dict(table)
+    try:
+        table.update(overrides or {})
+        yield table
+    finally:
+        table.clear()
+        table.update(saved)
 
 
 TIMING = {"mode": "graph"}

@@ -15,7 +15,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import harness as hx
-from bench.harness import rec, sync, timeit
+from bench.harness import rec, sync, timeit, tuned
 from pagedattn.ops import allocate_kv_cache, launchers, paged_decode_attention
 
 TOL = 2e-2
@@ -147,17 +147,13 @@ def effective_splits(S, L, sh, num_splits=None) -> int:
 
 def decode_variant(r, name, c, ref, sdpa_ms, sh, kc=None, vc=None, bt=None, num_splits=None, tuning=None):
     """Time one decode variant (optionally with DECODE_TUNING overrides) and check it against SDPA."""
-    saved = dict(launchers.DECODE_TUNING)
     try:
-        launchers.DECODE_TUNING.update(tuning or {})
-        fn = ours_fn(c, kc, vc, bt, num_splits)
-        diff = max_diff(fn(), ref)
-        ms = timeit(fn, sh)
-        r[name] = rec(ms, c.kv_bytes, vs_sdpa=ms / sdpa_ms if sdpa_ms else None, max_abs_diff=diff,
-                      ok=diff <= TOL, num_splits=effective_splits(c.S, c.L, sh, num_splits), tuning=tuning or {})
+        with tuned(launchers.DECODE_TUNING, tuning):
+            fn = ours_fn(c, kc, vc, bt, num_splits)
+            diff = max_diff(fn(), ref)
+            ms = timeit(fn, sh)
+            r[name] = rec(ms, c.kv_bytes, vs_sdpa=ms / sdpa_ms if sdpa_ms else None, max_abs_diff=diff,
+                          ok=diff <= TOL, num_splits=effective_splits(c.S, c.L, sh, num_splits), tuning=tuning or {})
     except Exception as e:  # noqa: BLE001
         r[name] = {"error": f"{type(e).__name__}: {e}"}
-    finally:
-        launchers.DECODE_TUNING.clear()
-        launchers.DECODE_TUNING.update(saved)
     return r[name]

@@ -6,7 +6,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-from bench.harness import fmt, free
+from bench.harness import fmt, free, tuned
 from bench.prefill_common import check, prefill_fn, tflops, timed
 
 V1 = {"softmax": "base", "offdiag": "masked", "order": "forward", "tile_n": 64, "num_stages": 3, "maxnreg": 0}
@@ -56,24 +56,23 @@ def tuning_sweep(qp, kc, vc, bt, lens, cu, new, ref, S, H, D, pairs, sh, sdpa_ms
             rows[name] = {"tuning": variant, "error": "skipped: --sweep-budget spent"}
             continue
         SWEEP["done"].add(name)
-        saved = dict(launchers.PREFILL_TUNING)
         launchers.LAST_PREFILL_KERNEL[0] = None
         t0 = time.perf_counter()
         try:
-            launchers.PREFILL_TUNING.update(variant)
-            fn = prefill_fn(qp, kc, vc, bt, lens, cu, new)
-            valid = check(fn().view(S, new, H, D).transpose(1, 2), ref)
-            row = {"tuning": variant, "ok": valid["ok"], "max_abs_diff": valid["max_abs_diff"], **kernel_stats()}
-            if valid["ok"]:
-                ms, _ = timed(fn, sweep_sh)
-                row.update(ms=ms, vs_sdpa=ms / sdpa_ms, TFLOPs=tflops(pairs, ms, sh))
-            else:
-                row["FAILED"] = f"differs from SDPA by {valid['max_abs_diff']:.3g} > {valid['tol']:.3g}: not timed"
+            with tuned(launchers.PREFILL_TUNING, variant):
+                fn = prefill_fn(qp, kc, vc, bt, lens, cu, new)
+                valid = check(fn().view(S, new, H, D).transpose(1, 2), ref)
+                row = {"tuning": variant, "ok": valid["ok"], "max_abs_diff": valid["max_abs_diff"],
+                       **kernel_stats()}
+                if valid["ok"]:
+                    ms, _ = timed(fn, sweep_sh)
+                    row.update(ms=ms, vs_sdpa=ms / sdpa_ms, TFLOPs=tflops(pairs, ms, sh))
+                else:
+                    row["FAILED"] = (f"differs from SDPA by {valid['max_abs_diff']:.3g} > {valid['tol']:.3g}: "
+                                     "not timed")
         except Exception as e:  # noqa: BLE001
             row = {"tuning": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         finally:
-            launchers.PREFILL_TUNING.clear()
-            launchers.PREFILL_TUNING.update(saved)
             free()
         row["seconds"] = time.perf_counter() - t0
         rows[name] = row
