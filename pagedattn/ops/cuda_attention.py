@@ -81,7 +81,7 @@ def prefill_tiles(head_size: int, dtype: torch.dtype, rows: int, query_len_hint:
 def decode_stage_bytes(head_size: int, dtype: torch.dtype, tile_n: int) -> int:
     """Shared-memory bytes of one K/V stage of the decode kernel: K and V rows of ``tile_n`` keys, each row
     padded to an odd number of 16-byte units (``RS`` in attention_common.cuh)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize  # no tensor made: this runs at every decode launch
     vec = 16 // size
     return 2 * tile_n * ((head_size // vec) | 1) * vec * size
 
