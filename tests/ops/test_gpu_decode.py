@@ -172,6 +172,21 @@ def test_decode_full_batch_per_sequence_splits(case):
     run_decode_and_check(p, dtype, what=f"full batch {case}", **feats)
 
 
+def check_tuned_case(case, table, key, value, monkeypatch, edge_lens, num_random, long_lens):
+    """A ``FULL_BATCH_CASES``-style case (``{"long": True}`` in its features: ``long_lens``, else ``edge_lens``
+    then ``num_random`` skewed lengths up to 1500) checked against the reference with ``table[key] = value``."""
+    monkeypatch.setitem(table, key, value)
+    dtype, (heads, kv_heads), head, block, feats = case
+    feats = dict(feats)
+    g = torch.Generator().manual_seed(zlib.crc32(str(case).encode()) + value)
+    lens = (long_lens if feats.pop("long", False) else
+            torch.cat([torch.tensor(edge_lens), (torch.rand(num_random, generator=g) ** 3 * 1500).long() + 1]
+                      ).tolist())
+    p = make_decode_problem(lens, heads, kv_heads, head, block, dtype, "cuda", layout=feats.pop("layout", "HND"),
+                            alibi=feats.pop("alibi", False), generator=g)
+    run_decode_and_check(p, dtype, what=f"{case} {key} {value}", **feats)
+
+
 @pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
 @pytest.mark.parametrize("case", FULL_BATCH_CASES + [(torch.bfloat16, (32, 8), 128, 16, {"long": True})],
                          ids=lambda c: f"{str(c[0])[6:]}-h{c[1][0]}kv{c[1][1]}-d{c[2]}")
@@ -180,16 +195,8 @@ def test_decode_load_orders(case, prefetch, monkeypatch):
     backend ignores it) on skewed full batches (per-sequence parts) and on two long contexts (uniform splits)."""
     from pagedattn.ops import launchers
 
-    monkeypatch.setitem(launchers.DECODE_TUNING, "prefetch", prefetch)
-    dtype, (heads, kv_heads), head, block, feats = case
-    feats = dict(feats)
-    g = torch.Generator().manual_seed(zlib.crc32(str(case).encode()) + prefetch)
-    lens = ([20000, 7777] if feats.pop("long", False) else
-            torch.cat([torch.tensor([0, 1, 63, 64, 65, 1500]), (torch.rand(150, generator=g) ** 3 * 1500).long() + 1]
-                      ).tolist())
-    p = make_decode_problem(lens, heads, kv_heads, head, block, dtype, "cuda", layout=feats.pop("layout", "HND"),
-                            alibi=feats.pop("alibi", False), generator=g)
-    run_decode_and_check(p, dtype, what=f"{case} prefetch {prefetch}", **feats)
+    check_tuned_case(case, launchers.DECODE_TUNING, "prefetch", prefetch, monkeypatch,
+                     edge_lens=[0, 1, 63, 64, 65, 1500], num_random=150, long_lens=[20000, 7777])
 
 
 @pytest.mark.parametrize("kv_heads_per_program", [2, 4])
@@ -246,13 +253,5 @@ def test_cuda_decode_kv_stages(gpu_backend, case, kv_stages, monkeypatch):
     a multiprocessor."""
     from pagedattn.ops import cuda_attention
 
-    monkeypatch.setitem(cuda_attention.DECODE_TUNING, "kv_stages", kv_stages)
-    dtype, (heads, kv_heads), head, block, feats = case
-    feats = dict(feats)
-    g = torch.Generator().manual_seed(zlib.crc32(str(case).encode()) + kv_stages)
-    lens = ([20000, 7777, 33] if feats.pop("long", False) else
-            torch.cat([torch.tensor([0, 1, 31, 32, 33, 95, 1500]), (torch.rand(120, generator=g) ** 3 * 1500).long() + 1]
-                      ).tolist())
-    p = make_decode_problem(lens, heads, kv_heads, head, block, dtype, "cuda", layout=feats.pop("layout", "HND"),
-                            alibi=feats.pop("alibi", False), generator=g)
-    run_decode_and_check(p, dtype, what=f"{case} kv_stages {kv_stages}", **feats)
+    check_tuned_case(case, cuda_attention.DECODE_TUNING, "kv_stages", kv_stages, monkeypatch,
+                     edge_lens=[0, 1, 31, 32, 33, 95, 1500], num_random=120, long_lens=[20000, 7777, 33])
