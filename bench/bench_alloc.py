@@ -18,6 +18,13 @@ Three headline figures:
   before it and dropped after it, so evicted keys are freed inside the timed ``allocate`` as
   they are on the plain path. Goal <= 5 ms median.
 
+Each prompt figure is timed alternately, round by round, with its floor (:class:`FloorWorkload`):
+the same rounds with only the work any LRU prefix cache keyed by these chained hashes must do in
+CPython (hash each full block, delete the evicted key from a ``dict``, insert the new one,
+remember it). ``alloc_prompt_floor_ms`` is that floor (against the same 5 ms goal), and
+``alloc_prompt_vs_floor`` / ``alloc_prompt_prehashed_vs_floor`` the ratios of the medians: what the
+allocator's own bookkeeping (block objects, free queue, ref counts, block tables, checks) adds.
+
 Also recorded (not headline): ``prompt_hash_prompt_blocks``, the time ``hash_prompt_blocks``
 takes for one round of those prompts (the hashing moved to request arrival: the plain path's
 cost is about ``alloc_prompt_prehashed_ms`` plus this); the same prompts sharing a 256-token
@@ -26,7 +33,7 @@ of one prompt round (BLAKE2b, used, and SHA-256, for comparison, one constructor
 and BLAKE2b computed the way ``allocate`` does it: the floor of ``alloc_prompt_ms``), and the
 load average.
 
-Run as a script (writes ``bench/results/cpu/alloc.json`` and the three figures into
+Run as a script (writes ``bench/results/cpu/alloc.json`` and the figures into
 ``bench/results/summary.json``)::
 
     python bench/bench_alloc.py
@@ -153,6 +160,102 @@ class PromptWorkload:
         self.live = list(range(base, base + NUM_SEQS))
 
 
+# ------------------------------------------------------------------------------------- floor
+class FloorWorkload:
+    """The least work in CPython for the rounds of :class:`PromptWorkload`: the floor of
+    ``alloc_prompt_ms``, timed in the same run.
+
+    Per full block, only what any LRU prefix cache keyed by the chained block hashes must do:
+    hash ``parent + chunk`` (BLAKE2b, computed as ``allocate`` computes it), delete the key of the
+    block it evicts from a ``dict``, insert the new key, and remember which key the block holds.
+    No block objects, free queue, ref counts, block tables, sequence state or checks. The pool
+    holds two rounds and blocks are reused round-robin, so each round evicts the keys of the
+    round before last, as the allocator's LRU free queue does in :class:`PromptWorkload`.
+    With ``prehashed``, the keys are made beforehand (untimed, in ``setup``) and the timed round
+    only evicts and registers.
+
+    Args:
+        rounds: the prompt rounds, those of the :class:`PromptWorkload` it is paired with.
+        num_blocks: the pool size, that workload's ``num_gpu_blocks``.
+        prehashed: make the keys in ``setup`` and time only the eviction and registration.
+    """
+
+    def __init__(self, rounds: list, num_blocks: int, prehashed: bool = False):
+        self.rounds = rounds
+        self.num_blocks = num_blocks
+        self.cached: dict[bytes, int] = {}
+        self.block_keys: list[bytes | None] = [None] * num_blocks
+        self.next_block = 0
+        self.round_idx = 0
+        self.prehashed = prehashed
+        self.keys: list[list[bytes]] | None = None
+
+    def _round(self) -> list:
+        return self.rounds[self.round_idx % len(self.rounds)]
+
+    def setup(self):
+        """With ``prehashed``, make the next round's keys (untimed)."""
+        if self.prehashed:
+            self.keys = [hash_prompt_blocks(p, BLOCK_SIZE).block_keys for p in self._round()]
+
+    def run(self) -> list[bytes]:
+        """One round; returns the last prompt's block hashes (for the check against
+        ``hash_prompt_blocks``; empty when prehashed)."""
+        from pagedattn.alloc.hashing import root_hash, split_token_blocks
+
+        prompts = self._round()
+        self.round_idx += 1
+        cached, block_keys, num_blocks = self.cached, self.block_keys, self.num_blocks
+        block = self.next_block
+        digests: list[bytes] = []
+        if self.prehashed:
+            for keys in self.keys:
+                for key in keys:
+                    old_key = block_keys[block]
+                    if old_key is not None:
+                        del cached[old_key]
+                    cached[key] = block
+                    block_keys[block] = key
+                    block += 1
+                    if block == num_blocks:
+                        block = 0
+            self.keys = None
+        else:
+            empty, root = hashlib.blake2b(), root_hash(b"")
+            for prompt in prompts:
+                parent = root
+                digests = []
+                for chunk in split_token_blocks(prompt, BLOCK_SIZE, len(prompt) // BLOCK_SIZE):
+                    old_key = block_keys[block]
+                    if old_key is not None:
+                        del cached[old_key]
+                    key = parent + chunk
+                    h = empty.copy()
+                    h.update(key)
+                    parent = h.digest()
+                    digests.append(parent)
+                    cached[key] = block
+                    block_keys[block] = key
+                    block += 1
+                    if block == num_blocks:
+                        block = 0
+        self.next_block = block
+        return digests
+
+
+def check_floor_matches(floor: FloorWorkload) -> None:
+    """Raise unless the floor hashes what the allocator hashes (same digests as
+    ``hash_prompt_blocks`` for the last prompt of a round) and holds two rounds of keys."""
+    round_prompts = floor._round()
+    digests = floor.run()
+    want = hash_prompt_blocks(round_prompts[-1], BLOCK_SIZE).block_hashes
+    if list(want) != digests:
+        raise AssertionError("the floor's digests differ from hash_prompt_blocks'")
+    held = min(floor.round_idx, 2) * NUM_SEQS * (PROMPT_LEN // BLOCK_SIZE)
+    if len(floor.cached) != held:
+        raise AssertionError(f"the floor holds {len(floor.cached)} keys, expected {held}")
+
+
 # ----------------------------------------------------------------------------- pytest-benchmark
 def test_alloc_decode_step(benchmark):
     work = DecodeWorkload()
@@ -172,6 +275,13 @@ def test_alloc_prompt_prehashed(benchmark):
     work.mgr.check_invariants()
 
 
+def test_alloc_prompt_floor(benchmark):
+    work = PromptWorkload(num_rounds=16)
+    floor = FloorWorkload(work.rounds, work.mgr.num_gpu_blocks)
+    check_floor_matches(floor)
+    benchmark.pedantic(floor.run, setup=floor.setup, rounds=60, warmup_rounds=4, iterations=1)
+
+
 def test_alloc_prompt_shared_prefix(benchmark):
     work = PromptWorkload(shared_prefix=256)
     benchmark.pedantic(work.run, setup=work.setup, rounds=60, warmup_rounds=4, iterations=1)
@@ -189,6 +299,22 @@ def _time_ms(fn, setup=None, rounds: int = 100, warmup: int = 10) -> list[float]
         if i >= warmup:
             times.append((t1 - t0) / 1e6)
     return times
+
+
+def _time_paired_ms(a, b, rounds: int = 100, warmup: int = 10) -> tuple[list[float], list[float]]:
+    """Time workloads ``a`` and ``b`` (each with ``setup`` and ``run``) alternately, one round
+    each, the first of the pair swapped every round so neither always runs first."""
+    times_a, times_b = [], []
+    for i in range(warmup + rounds):
+        pair = ((a, times_a), (b, times_b)) if i % 2 == 0 else ((b, times_b), (a, times_a))
+        for work, times in pair:
+            work.setup()
+            t0 = time.perf_counter_ns()
+            work.run()
+            t1 = time.perf_counter_ns()
+            if i >= warmup:
+                times.append((t1 - t0) / 1e6)
+    return times_a, times_b
 
 
 def _summary(times: list[float]) -> dict:
@@ -231,9 +357,22 @@ def main() -> dict:
     results["decode_step_without_metadata"] = _summary(
         _time_ms(decode_nometa.step_without_metadata, setup=decode_nometa.setup, rounds=4000,
                  warmup=400))
-    for name, kwargs in [("prompt", {}),
-                         ("prompt_prehashed", {"prehashed": True, "num_rounds": 16}),
-                         ("prompt_shared_prefix_256", {"shared_prefix": 256}),
+    # The two headline prompt figures, each timed alternately with its floor (same rounds).
+    for name, kwargs in [("prompt", {}), ("prompt_prehashed", {"prehashed": True, "num_rounds": 16})]:
+        work = PromptWorkload(**kwargs)
+        floor = FloorWorkload(work.rounds, work.mgr.num_gpu_blocks, prehashed=work.prehashed)
+        if not work.prehashed:
+            check_floor_matches(FloorWorkload(work.rounds, work.mgr.num_gpu_blocks))
+        times, floor_times = _time_paired_ms(work, floor, rounds=80, warmup=4)
+        work.mgr.check_invariants()
+        results[name] = _summary(times)
+        results[name]["prefix_cache_hit_rate"] = work.mgr.prefix_cache_hit_rate
+        results[name]["num_evictions"] = work.mgr.num_evictions
+        results[f"{name}_floor"] = _summary(floor_times)
+        results[f"{name}_vs_floor"] = results[name]["median_ms"] / results[f"{name}_floor"]["median_ms"]
+        results[f"{name}_vs_floor_paired_median"] = statistics.median(
+            t / f for t, f in zip(times, floor_times))
+    for name, kwargs in [("prompt_shared_prefix_256", {"shared_prefix": 256}),
                          ("prompt_python_lists", {"as_list": True, "num_rounds": 16})]:
         work = PromptWorkload(**kwargs)
         results[name] = _summary(_time_ms(work.run, setup=work.setup, rounds=60, warmup=4))
@@ -259,9 +398,14 @@ def main() -> dict:
     prehashed_ms = results["prompt_prehashed"]["median_ms"]
     card = card_name()
     command = "python bench/bench_alloc.py"
+    floor_ms = results["prompt_floor"]["median_ms"]
     update_figures({"alloc_decode_step_ms": (decode_ms, "<= 0.2"),
                     "alloc_prompt_ms": (prompt_ms, "<= 5"),
-                    "alloc_prompt_prehashed_ms": (prehashed_ms, "<= 5")}, card=card, command=command)
+                    "alloc_prompt_prehashed_ms": (prehashed_ms, "<= 5"),
+                    "alloc_prompt_floor_ms": (floor_ms, "<= 5"),
+                    "alloc_prompt_vs_floor": (results["prompt_vs_floor"], "<= 1.5"),
+                    "alloc_prompt_prehashed_vs_floor": (results["prompt_prehashed_vs_floor"], "<= 1.5")},
+                   card=card, command=command)
     out = RESULTS_DIR / "cpu" / "alloc.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -269,7 +413,10 @@ def main() -> dict:
         "numpy": np.__version__, "block_size": BLOCK_SIZE, "num_seqs": NUM_SEQS,
         "prompt_len": PROMPT_LEN,
         "figures": {"alloc_decode_step_ms": decode_ms, "alloc_prompt_ms": prompt_ms,
-                    "alloc_prompt_prehashed_ms": prehashed_ms,
+                    "alloc_prompt_prehashed_ms": prehashed_ms, "alloc_prompt_floor_ms": floor_ms,
+                    "alloc_prompt_vs_floor": results["prompt_vs_floor"],
+                    "alloc_prompt_prehashed_floor_ms": results["prompt_prehashed_floor"]["median_ms"],
+                    "alloc_prompt_prehashed_vs_floor": results["prompt_prehashed_vs_floor"],
                     "prompt_hash_prompt_blocks_ms": results["prompt_hash_prompt_blocks"]["median_ms"]},
         "results": results,
     }
