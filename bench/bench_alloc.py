@@ -208,6 +208,8 @@ class FloorWorkload:
         cached, block_keys, num_blocks = self.cached, self.block_keys, self.num_blocks
         block = self.next_block
         digests: list[bytes] = []
+        # Both loops are written out whole, as allocate's take loops are: a floor must not pay a
+        # call or a second pass a block that the allocator does not pay.
         if self.prehashed:
             for keys in self.keys:
                 for key in keys:
