@@ -15,6 +15,7 @@ import hashlib
 import numpy as np
 
 from pagedattn.alloc import BlockManager, hash_prompt_blocks
+from pagedattn.alloc.hashing import root_hash, split_token_blocks
 
 BLOCK_SIZE = 16
 NUM_SEQS = 256
@@ -153,16 +154,14 @@ class FloorWorkload:
         if self.prehashed:
             self.keys = [hash_prompt_blocks(p, BLOCK_SIZE).block_keys for p in self._round()]
 
-    def run(self) -> list[bytes]:
-        """One round; returns the last prompt's block hashes (for the check against
-        ``hash_prompt_blocks``; empty when prehashed)."""
-        from pagedattn.alloc.hashing import root_hash, split_token_blocks
-
+    def run(self) -> bytes | None:
+        """One round; returns the last block hash it computed (``None`` when prehashed), for
+        :func:`check_floor_matches`."""
         prompts = self._round()
         self.round_idx += 1
         cached, block_keys, num_blocks = self.cached, self.block_keys, self.num_blocks
         block = self.next_block
-        digests: list[bytes] = []
+        parent = None
         # Both loops are written out whole, as allocate's take loops are: a floor must not pay a
         # call or a second pass a block that the allocator does not pay.
         if self.prehashed:
@@ -181,7 +180,6 @@ class FloorWorkload:
             empty, root = hashlib.blake2b(), root_hash(b"")
             for prompt in prompts:
                 parent = root
-                digests = []
                 for chunk in split_token_blocks(prompt, BLOCK_SIZE, len(prompt) // BLOCK_SIZE):
                     old_key = block_keys[block]
                     if old_key is not None:
@@ -190,24 +188,29 @@ class FloorWorkload:
                     h = empty.copy()
                     h.update(key)
                     parent = h.digest()
-                    digests.append(parent)
                     cached[key] = block
                     block_keys[block] = key
                     block += 1
                     if block == num_blocks:
                         block = 0
         self.next_block = block
-        return digests
+        return parent
 
 
 def check_floor_matches(floor: FloorWorkload) -> None:
-    """Raise unless the floor hashes what the allocator hashes (same digests as
-    ``hash_prompt_blocks`` for the last prompt of a round) and holds two rounds of keys."""
-    round_prompts = floor._round()
-    digests = floor.run()
-    want = hash_prompt_blocks(round_prompts[-1], BLOCK_SIZE).block_hashes
-    if list(want) != digests:
-        raise AssertionError("the floor's digests differ from hash_prompt_blocks'")
+    """Run one round of a floor that hashes, and raise unless it hashed and registered what the
+    allocator would: the last prompt's keys (each holding its parent's hash) in the last blocks,
+    its last hash that of ``hash_prompt_blocks``, and two rounds of keys held at most."""
+    prompt = floor._round()[-1]
+    last_hash = floor.run()
+    want = hash_prompt_blocks(prompt, BLOCK_SIZE)
+    if last_hash != want.block_hashes[-1]:
+        raise AssertionError("the floor's last block hash differs from hash_prompt_blocks'")
+    first = floor.next_block - len(want.block_keys)
+    for i, key in enumerate(want.block_keys):
+        block = (first + i) % floor.num_blocks
+        if floor.cached.get(key) != block or floor.block_keys[block] != key:
+            raise AssertionError(f"block {i} of the last prompt is not registered as hash_prompt_blocks keys it")
     held = min(floor.round_idx, 2) * NUM_SEQS * (PROMPT_LEN // BLOCK_SIZE)
     if len(floor.cached) != held:
         raise AssertionError(f"the floor holds {len(floor.cached)} keys, expected {held}")
